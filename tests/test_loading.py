@@ -97,3 +97,46 @@ def test_real_smollm2_answers_a_text_question():
         output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_build_from_local_backbone_paths(tmp_path):
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPConfig
+
+    # A dual-encoder CLIP checkpoint (as on the hub): build takes its vision half, with its weights.
+    clip = AutoModel.from_config(
+        CLIPConfig(
+            vision_config=tiny_vision_config("clip").to_dict(),
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+        )
+    )
+    clip.save_pretrained(tmp_path / "clip")
+    llm = AutoModelForCausalLM.from_config(tiny_text_config("qwen2"))
+    llm.save_pretrained(tmp_path / "llm")
+    byte_tokenizer().save_pretrained(tmp_path / "llm")
+    model, processor = build(vision=str(tmp_path / "clip"), llm=str(tmp_path / "llm"), fusion_num_heads=4)
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    assert processor.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])  # CLIP's, not the 0.5 default
+    loaded = model.vision_tower.state_dict()
+    for name, weight in clip.vision_model.state_dict().items():
+        torch.testing.assert_close(loaded[name], weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.language_model.lm_head.weight, llm.lm_head.weight, rtol=0, atol=0)
+
+
+def test_streaming_yields_the_generated_text():
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    model, processor = tiny_model()
+    inputs = processor.apply_chat_template(
+        image_question(random_image(1), "Hi"), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    worker = Thread(target=model.generate, kwargs=dict(**inputs, streamer=streamer, max_new_tokens=8, do_sample=False))
+    worker.start()
+    pieces = list(streamer)
+    worker.join()
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(pieces) > 1 and "".join(pieces) == expected
