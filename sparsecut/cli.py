@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -78,12 +79,44 @@ def main(argv: list[str] | None = None) -> None:
     show = commands.add_parser("info", help=info.__doc__)
     show.add_argument("--model", default=None)
 
+    fit = commands.add_parser("train", help="run every stage of a training config (sparsecut/train.py)")
+    fit.add_argument("config", help="training yaml (its first line says how to run it)")
+    fit.add_argument("--no-resume", action="store_true", help="restart every stage from scratch")
+
+    score = commands.add_parser("eval", help="answer and score a LLaVA-format test set per question family")
+    score.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: weights/)")
+    score.add_argument("--data", required=True, help="LLaVA-format test JSON with a `family` per record")
+    score.add_argument("--out-dir", default=None)
+    score.add_argument("--limit", type=int, default=None)
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--device", default="auto")
+
+    shapes = commands.add_parser("shapesworld", help="generate one split of the ShapesWorld VQA data")
+    shapes.add_argument("out_dir")
+    shapes.add_argument("--n-images", type=int, default=1000)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--image-size", type=int, default=128)
+    shapes.add_argument("--split", default="train")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             generate(args.model, args.image, args.prompt, args.quantization, args.device, args.max_new_tokens)
         elif args.command == "info":
             info(args.model)
+        elif args.command == "train":
+            from .train import train
+
+            print(train(args.config, resume=not args.no_resume))
+        elif args.command == "eval":
+            from .evaluate import evaluate
+
+            scores = evaluate(args.model, args.data, args.out_dir, args.limit, args.batch_size, args.device)
+            print(json.dumps(scores, indent=2))
+        elif args.command == "shapesworld":
+            from .shapesworld import generate as generate_shapes
+
+            print(generate_shapes(args.out_dir, args.n_images, args.seed, args.image_size, args.split))
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
         print(f"sparsecut {args.command}: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,0 +1,301 @@
+"""Two-stage training (LLaVA-1.5 protocol, method note "Parts" 5) with accelerate: `sparsecut train CONFIG.yaml`.
+
+Stage 1 "alignment" trains the fusion/projector and the shortcut gates on captions with the encoder and the
+LLM frozen; stage 2 "instruction tuning" also trains the LLM. The vision encoder is frozen throughout, as in
+the paper. The same code runs on the CPU, one GPU, or many through `accelerate launch` (DDP / FSDP / DeepSpeed
+from an accelerate config). Each stage saves a loadable checkpoint; `resume` restarts a stage from its last
+saved step.
+
+Config (yaml, first line the command that runs it):
+
+    model: {vision: <path | hub id | {model_type: ..., **config}>, llm: <path | "smollm2-135m" | {...}>,
+            config: {fusion: cross_attention, high_res_grid: 2, schedule: "uniform:4", ...}}
+    output_dir: runs/name
+    seed: 0
+    stages:
+      - {name: align, train: [fusion, gates], data: path/train.json, image_root: path, epochs: 1,
+         batch_size: 16, learning_rate: 1.0e-3, ...}
+      - {name: instruct, train: [fusion, gates, llm], ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, get_cosine_schedule_with_warmup
+
+from .build import build, is_checkpoint, load_model
+from .charts import line_chart
+from .data import Collator, ConversationDataset
+from .llava_format import load_llava_json
+from .modeling import SparseCutForConditionalGeneration
+from .testing import byte_tokenizer
+
+TRAINABLE_PARTS = ("fusion", "gates", "llm", "vision")
+
+
+@dataclass
+class StageConfig:
+    """One training stage."""
+
+    name: str
+    """Stage name; its checkpoint goes to `output_dir/name`."""
+    data: str
+    """LLaVA-format JSON of training conversations."""
+    train: list[str] = field(default_factory=lambda: ["fusion", "gates"])
+    """What trains: any of fusion, gates, llm, vision (the paper keeps the encoder frozen)."""
+    image_root: str | None = None
+    """Directory the JSON's image paths are relative to (default: the JSON's directory)."""
+    eval_data: str | None = None
+    """Held-out JSON for periodic evaluation loss."""
+    epochs: float = 1.0
+    """Passes over the data (fractions allowed); `max_steps` overrides it."""
+    max_steps: int | None = None
+    """Optimizer steps to run, overriding `epochs`."""
+    batch_size: int = 16
+    """Per-device batch size."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-3
+    """Peak learning rate (cosine decay after warm-up)."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming the learning rate up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_length: int | None = None
+    """Truncate conversations to this many tokens (never through an image)."""
+    eval_every: int = 0
+    """Steps between evaluations (0: only at the end)."""
+    save_every: int = 0
+    """Steps between resumable checkpoints (0: only at the end)."""
+    gradient_checkpointing: bool = False
+    """Recompute LLM activations in backward to save memory."""
+
+    def __post_init__(self):
+        unknown = set(self.train) - set(TRAINABLE_PARTS)
+        if unknown:
+            raise ValueError(f"Stage {self.name!r}: unknown trainable parts {sorted(unknown)}; use {TRAINABLE_PARTS}.")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    output_dir: str
+    """Where stage checkpoints, logs and the loss curve go."""
+    stages: list[StageConfig]
+    """Stages, run in order; each starts from the previous stage's model."""
+    model: dict = field(default_factory=dict)
+    """`vision`, `llm` (as `sparsecut.build` takes them, or a dict config) and `config` overrides; or `init` with
+    the path of a SparseCut checkpoint to start from."""
+    seed: int = 0
+    """Seed of weights initialisation and data order."""
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        raw = yaml.safe_load(Path(path).read_text())
+        base = Path(path).resolve().parent
+        stages = []
+        for stage in raw.pop("stages"):
+            for key in ("data", "eval_data", "image_root"):
+                if stage.get(key):
+                    stage[key] = str((base / stage[key]).resolve()) if not os.path.isabs(stage[key]) else stage[key]
+            stages.append(StageConfig(**stage))
+        return cls(stages=stages, **raw)
+
+
+def set_trainable(model: SparseCutForConditionalGeneration, parts: list[str]) -> int:
+    """The one place that says what trains. Returns the number of trainable parameters."""
+    modules = {
+        "fusion": model.fusion,
+        "gates": model.shortcuts,
+        "llm": model.language_model,
+        "vision": model.vision_tower,
+    }
+    model.requires_grad_(False)
+    for part in parts:
+        modules[part].requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _backbone(spec):
+    """A backbone spec from yaml: a dict is a transformers config, anything else goes to `build` as is."""
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    return spec
+
+
+def initial_model(config: TrainConfig):
+    spec = config.model
+    if "init" in spec:
+        return load_model(spec["init"], device="cpu")
+    # "byte" names the code-built byte tokenizer, for config-only LLMs (tests, toy runs).
+    tokenizer = byte_tokenizer() if spec.get("tokenizer") == "byte" else None
+    return build(vision=_backbone(spec["vision"]), llm=_backbone(spec["llm"]), tokenizer=tokenizer,
+                 **spec.get("config", {}))
+
+
+def _loader(path: str, image_root: str | None, processor, stage: StageConfig, shuffle: bool, seed: int) -> DataLoader:
+    samples = load_llava_json(path, image_root=image_root or str(Path(path).parent))
+    dataset = ConversationDataset(samples, processor, stage.max_length)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=stage.batch_size, shuffle=shuffle, collate_fn=Collator(processor), generator=generator
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
+    """Mean loss over answer tokens of a held-out set."""
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        loss = model(**batch, logits_to_keep=1).loss
+        total += loss * tokens
+        count += tokens
+    total, count = accelerator.reduce(total), accelerator.reduce(count)
+    model.train()
+    return float(total / count.clamp_min(1))
+
+
+def run_stage(model, processor, stage: StageConfig, out_dir: Path, seed: int, resume: bool = True):
+    """Train one stage; returns the model and the stage's log (step, loss, samples/s, eval loss)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=stage.gradient_accumulation,
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+    )
+    set_seed(seed)
+    n_trainable = set_trainable(model, stage.train)
+    if stage.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    train_loader = _loader(stage.data, stage.image_root, processor, stage, shuffle=True, seed=seed)
+    eval_loader = (
+        _loader(stage.eval_data, None, processor, stage, shuffle=False, seed=seed) if stage.eval_data else None
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / stage.gradient_accumulation)
+    total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=stage.learning_rate, weight_decay=stage.weight_decay
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    state_dir = out_dir / "state"
+    log_path = out_dir / "log.jsonl"
+    step = 0
+    if resume and (state_dir / "step.json").is_file():
+        accelerator.load_state(str(state_dir))
+        step = json.loads((state_dir / "step.json").read_text())["step"]
+        accelerator.print(f"[{stage.name}] resuming at step {step}/{total_steps}")
+    elif log_path.exists() and accelerator.is_main_process:
+        log_path.unlink()
+
+    accelerator.print(
+        f"[{stage.name}] {n_trainable:,} trainable parameters ({', '.join(stage.train)}), "
+        f"{total_steps} steps of {stage.batch_size * stage.gradient_accumulation} samples"
+    )
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not accelerator.is_main_process)
+    started, seen, epoch = time.perf_counter(), 0, step // max(steps_per_epoch, 1)
+    while step < total_steps:
+        # A resumed stage skips the batches of its current epoch that it already used.
+        skip = (step % steps_per_epoch) * stage.gradient_accumulation if resume else 0
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch, logits_to_keep=1).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            seen += batch["input_ids"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            record = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": seen / (time.perf_counter() - started),
+            }
+            if eval_loader is not None and ((stage.eval_every and step % stage.eval_every == 0) or step == total_steps):
+                record["eval_loss"] = evaluate_loss(model, eval_loader, accelerator)
+            if accelerator.is_main_process:
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
+            progress.update()
+            if stage.save_every and step % stage.save_every == 0 and step < total_steps:
+                accelerator.save_state(str(state_dir))
+                if accelerator.is_main_process:
+                    (state_dir / "step.json").write_text(json.dumps({"step": step}))
+            if step >= total_steps:
+                break
+        epoch += 1
+        resume = False
+    progress.close()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    if stage.gradient_checkpointing:
+        model.activation_checkpointing_disable()
+    if accelerator.is_main_process:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        plot_log(log_path, out_dir / "loss.png", title=f"{stage.name}: training loss")
+    return model
+
+
+def read_log(log_path: Path) -> list[dict]:
+    return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+
+
+def plot_log(log_path: Path, png_path: Path, title: str) -> None:
+    records = read_log(log_path)
+    series = {"train loss": [(r["step"], r["loss"]) for r in records]}
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if evals:
+        series["eval loss"] = evals
+    line_chart(series, title=title, x_label="step").save(png_path)
+
+
+def train(config_path: str, resume: bool = True) -> Path:
+    """Run every stage of a training config; returns the final checkpoint directory."""
+    config = TrainConfig.from_yaml(config_path)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.resolved.json").write_text(json.dumps(asdict(config), indent=2))
+    model, processor = None, None
+    for stage in config.stages:
+        stage_dir = out / stage.name
+        if (
+            resume
+            and is_checkpoint(stage_dir)
+            and (stage_dir / "log.jsonl").is_file()
+            and not (stage_dir / "state").exists()
+        ):
+            print(f"[{stage.name}] already done: {stage_dir}")
+            model, processor = load_model(stage_dir, device="cpu")
+            continue
+        if model is None:
+            model, processor = initial_model(config)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        model = run_stage(model, processor, stage, stage_dir, config.seed, resume)
+        if (stage_dir / "state").exists():
+            shutil.rmtree(stage_dir / "state")  # the stage finished: its resume state is no longer needed
+    return out / config.stages[-1].name
