@@ -140,3 +140,16 @@ def test_streaming_yields_the_generated_text():
         tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     expected = processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(pieces) > 1 and "".join(pieces) == expected
+
+
+def test_missing_bitsandbytes_and_missing_cuda_are_clear_errors(monkeypatch):
+    build_module = importlib.import_module("sparsecut.build")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        build_module.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name)
+    )
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        build_module.quantization_config("4bit", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        load_model("anything", device="cuda")
