@@ -8,6 +8,7 @@ internet) or, for the LLM, a `.gguf` file; "smollm2-135m" names the SmolLM2-135M
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -15,6 +16,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -25,6 +28,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from .adapters import is_base_llm_weight, merge_lora
 from .configuration import SparseCutConfig
 from .modeling import SparseCutForConditionalGeneration
 from .processing import SparseCutProcessor
@@ -203,6 +207,41 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return json.loads(config_file.read_text()).get("model_type") == SparseCutConfig.model_type
 
 
+def ships_without_base(path: Path) -> bool:
+    """Whether a checkpoint leaves its LLM's base weights out (see `sparsecut.adapters.save_without_base`)."""
+    weights = path / "model.safetensors"
+    if not weights.is_file() or not SparseCutConfig.from_pretrained(str(path)).base_llm:
+        return False
+    with safe_open(str(weights), framework="pt") as f:
+        return not any(is_base_llm_weight(key) for key in f.keys())
+
+
+def load_without_base(path: Path, dtype: torch.dtype) -> SparseCutForConditionalGeneration:
+    """Rebuild the base LLM from `config.base_llm` and load the checkpoint's own weights on top; any weight
+    missing or unexpected beyond the base LLM's is an error that names it."""
+    config = SparseCutConfig.from_pretrained(str(path))
+    language_model, _ = load_llm(config.base_llm, torch.float32)
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if getattr(language_model.config, key) != getattr(config.text_config, key):
+            raise ValueError(
+                f"base_llm {config.base_llm!r} has {key}={getattr(language_model.config, key)} but the "
+                f"checkpoint was trained with {getattr(config.text_config, key)}."
+            )
+    model = SparseCutForConditionalGeneration(config, language_model=language_model)
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not is_base_llm_weight(key)]
+    if missing or unexpected:
+        raise ValueError(f"Checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}.")
+    return model.to(dtype)
+
+
+def materialized_path(path: Path) -> Path:
+    """A cache directory for the full (base LLM included) version of a checkpoint without base weights."""
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
+    return Path(os.environ.get("SPARSECUT_CACHE", Path.home() / ".cache" / "sparsecut")) / f"full-{digest}"
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     quantization: str | None = None,
@@ -224,6 +263,18 @@ def load_model(
     dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
     kwargs = {"dtype": dtype}
     bnb = quantization_config(quantization, target)
+    if ships_without_base(path):
+        model = load_without_base(path, dtype)
+        processor = SparseCutProcessor.from_pretrained(str(path))
+        if bnb is None:
+            return model.to(target).eval(), processor
+        # bitsandbytes quantizes while loading a full checkpoint: write one (LoRA merged) once, then load it.
+        merge_lora(model)
+        path = materialized_path(path)
+        if not is_checkpoint(path):
+            model.save_pretrained(path)
+            processor.save_pretrained(path)
+        del model
     if bnb is not None:
         kwargs.update(
             quantization_config=bnb, device_map={"": target.index or 0} if target.type == "cuda" else {"": "cpu"}

@@ -88,6 +88,9 @@ class SparseCutConfig(PreTrainedConfig):
         projector_hidden_act: activation of the 2-layer projector MLP to the LLM hidden size.
         shortcut_gate_init: initial value of the per-shortcut, per-channel gate; 0 makes a fresh model equal
             its shortcut-free baseline at step 0.
+        lora: peft `LoraConfig` arguments of LoRA adapters injected into the LLM (stage 2), or None.
+        base_llm: where the LLM's base weights come from when a checkpoint ships without them (an alias such as
+            "smollm2-135m", a .gguf file, a path or a hub id); None for checkpoints that contain the whole LLM.
         image_token: the placeholder token string in the tokenizer.
         image_token_id: its id (set by `sparsecut.build` from the tokenizer).
     """
@@ -112,6 +115,8 @@ class SparseCutConfig(PreTrainedConfig):
     fusion_input_norm: bool = True
     projector_hidden_act: str = "gelu"
     shortcut_gate_init: float = 0.0
+    lora: dict | None = None
+    base_llm: str | None = None
     image_token: str = "<image>"
     image_token_id: int | None = None
     tie_word_embeddings: bool = False

@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
+from .adapters import inject_lora
 from .configuration import SparseCutConfig
 from .fusion import CrossAttentionBlock, MultiGrainedFusion, Projector
 from .shortcuts import SparseShortcuts
@@ -107,6 +108,8 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
+        if config.lora:
+            inject_lora(self.language_model, config.lora)
         self.shortcuts = SparseShortcuts(config)
         self.shortcuts.attach(self.decoder_layers)
         self.post_init()

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
+from .adapters import LORA_DEFAULTS, inject_lora, save_without_base
 from .build import build, is_checkpoint, load_model
 from .charts import line_chart
 from .data import Collator, ConversationDataset
@@ -43,7 +44,7 @@ from .llava_format import load_llava_json
 from .modeling import SparseCutForConditionalGeneration
 from .testing import byte_tokenizer
 
-TRAINABLE_PARTS = ("fusion", "gates", "llm", "vision")
+TRAINABLE_PARTS = ("fusion", "gates", "lora", "llm", "vision")
 
 
 @dataclass
@@ -55,7 +56,8 @@ class StageConfig:
     data: str
     """LLaVA-format JSON of training conversations."""
     train: list[str] = field(default_factory=lambda: ["fusion", "gates"])
-    """What trains: any of fusion, gates, llm, vision (the paper keeps the encoder frozen)."""
+    """What trains: any of fusion, gates, lora (adapters on the LLM, added on first use), llm (all of it),
+    vision (the paper keeps the encoder frozen)."""
     image_root: str | None = None
     """Directory the JSON's image paths are relative to (default: the JSON's directory)."""
     eval_data: str | None = None
@@ -102,6 +104,18 @@ class TrainConfig:
     the path of a SparseCut checkpoint to start from."""
     seed: int = 0
     """Seed of weights initialisation and data order."""
+    save_base_llm: bool = True
+    """False: checkpoints leave the LLM's base weights out and name `model.llm` as their source (needs an LLM
+    given by name or path, trained through LoRA or not at all)."""
+    lora: dict = field(default_factory=dict)
+    """peft LoraConfig arguments for stages that train `lora` (defaults: sparsecut.adapters.LORA_DEFAULTS)."""
+
+    def __post_init__(self):
+        if not self.save_base_llm:
+            if not isinstance(self.model.get("llm"), str):
+                raise ValueError("save_base_llm: false needs model.llm given by name or path, to rebuild it from.")
+            if any("llm" in stage.train for stage in self.stages):
+                raise ValueError("save_base_llm: false cannot ship a fully trained LLM; train it through `lora`.")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
@@ -126,8 +140,21 @@ def set_trainable(model: SparseCutForConditionalGeneration, parts: list[str]) ->
     }
     model.requires_grad_(False)
     for part in parts:
-        modules[part].requires_grad_(True)
+        if part == "lora":
+            if not model.config.lora:
+                raise ValueError("Stage trains `lora` but the model has no LoRA adapters; see `add_lora`.")
+            for name, parameter in model.language_model.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        else:
+            modules[part].requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_lora(model: SparseCutForConditionalGeneration, lora: dict) -> None:
+    """Give the LLM LoRA adapters (once); the config records them so that checkpoints reload with them."""
+    if not model.config.lora:
+        model.config.lora = {**LORA_DEFAULTS, **lora}
+        inject_lora(model.language_model, model.config.lora)
 
 
 def _backbone(spec):
@@ -144,8 +171,9 @@ def initial_model(config: TrainConfig):
         return load_model(spec["init"], device="cpu")
     # "byte" names the code-built byte tokenizer, for config-only LLMs (tests, toy runs).
     tokenizer = byte_tokenizer() if spec.get("tokenizer") == "byte" else None
-    return build(vision=_backbone(spec["vision"]), llm=_backbone(spec["llm"]), tokenizer=tokenizer,
-                 **spec.get("config", {}))
+    return build(
+        vision=_backbone(spec["vision"]), llm=_backbone(spec["llm"]), tokenizer=tokenizer, **spec.get("config", {})
+    )
 
 
 def _loader(path: str, image_root: str | None, processor, stage: StageConfig, shuffle: bool, seed: int) -> DataLoader:
@@ -172,13 +200,16 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
     return float(total / count.clamp_min(1))
 
 
-def run_stage(model, processor, stage: StageConfig, out_dir: Path, seed: int, resume: bool = True):
+def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: TrainConfig, resume: bool = True):
     """Train one stage; returns the model and the stage's log (step, loss, samples/s, eval loss)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=stage.gradient_accumulation,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
     )
+    seed = config.seed
     set_seed(seed)
+    if "lora" in stage.train:
+        add_lora(model, config.lora)
     n_trainable = set_trainable(model, stage.train)
     if stage.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -255,8 +286,11 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, seed: int, re
     if stage.gradient_checkpointing:
         model.activation_checkpointing_disable()
     if accelerator.is_main_process:
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
+        if config.save_base_llm:
+            model.save_pretrained(out_dir)
+            processor.save_pretrained(out_dir)
+        else:
+            save_without_base(model, processor, out_dir, base_llm=config.model["llm"])
         plot_log(log_path, out_dir / "loss.png", title=f"{stage.name}: training loss")
     return model
 
@@ -295,7 +329,7 @@ def train(config_path: str, resume: bool = True) -> Path:
         if model is None:
             model, processor = initial_model(config)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        model = run_stage(model, processor, stage, stage_dir, config.seed, resume)
+        model = run_stage(model, processor, stage, stage_dir, config, resume)
         if (stage_dir / "state").exists():
             shutil.rmtree(stage_dir / "state")  # the stage finished: its resume state is no longer needed
     return out / config.stages[-1].name

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from sparsecut import load_model
@@ -10,11 +11,28 @@ from sparsecut.shapesworld import generate_dataset
 from sparsecut.train import StageConfig, TrainConfig, set_trainable, train
 
 TINY_MODEL = {
-    "vision": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-               "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "llm": {"model_type": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "vision": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "llm": {
+        "model_type": "llama",
+        "vocab_size": 320,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     "tokenizer": "byte",
     "config": {"fusion": "cross_attention", "schedule": "uniform:2", "fusion_num_heads": 4},
 }
@@ -38,10 +56,14 @@ def write_config(tmp_path, shapes, stages):
 def test_two_stages_lower_the_loss_and_reload(tmp_path, shapes):
     train_json, test_json = shapes
     common = {"data": str(train_json), "eval_data": str(test_json), "batch_size": 4, "eval_every": 10}
-    path = write_config(tmp_path, shapes, [
-        {**common, "name": "align", "train": ["fusion", "gates"], "max_steps": 10, "learning_rate": 3e-3},
-        {**common, "name": "instruct", "train": ["fusion", "gates", "llm"], "max_steps": 20, "learning_rate": 3e-3},
-    ])
+    path = write_config(
+        tmp_path,
+        shapes,
+        [
+            {**common, "name": "align", "train": ["fusion", "gates"], "max_steps": 10, "learning_rate": 3e-3},
+            {**common, "name": "instruct", "train": ["fusion", "gates", "llm"], "max_steps": 20, "learning_rate": 3e-3},
+        ],
+    )
     final = train(str(path))
     assert final == tmp_path / "run" / "instruct"
     log = [json.loads(line) for line in (final / "log.jsonl").read_text().splitlines()]
@@ -74,3 +96,52 @@ def test_config_paths_are_relative_to_the_yaml(tmp_path):
     path.write_text(yaml.safe_dump({"output_dir": "o", "stages": [{"name": "a", "data": "d/train.json"}]}))
     config = TrainConfig.from_yaml(path)
     assert config.stages[0].data == str((tmp_path / "sub" / "d" / "train.json").resolve())
+
+
+def test_lora_stage_ships_without_the_base_llm(tmp_path, shapes, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsecut.testing import byte_tokenizer
+
+    train_json, _ = shapes
+    llm_dir = tmp_path / "base-llm"
+    llm_spec = {k: v for k, v in TINY_MODEL["llm"].items() if k != "model_type"}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **llm_spec)).save_pretrained(llm_dir)
+    byte_tokenizer().save_pretrained(llm_dir)
+    path = tmp_path / "lora.yaml"
+    config = {
+        "output_dir": str(tmp_path / "run"),
+        "save_base_llm": False,
+        "lora": {"r": 4},
+        "model": {**TINY_MODEL, "llm": str(llm_dir), "tokenizer": None},
+        "stages": [
+            {
+                "name": "instruct",
+                "data": str(train_json),
+                "train": ["fusion", "gates", "lora"],
+                "max_steps": 3,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump(config))
+    final = train(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(final / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any("lora_A" in key for key in keys)
+    assert not any(key.startswith("language_model.") and "lora_" not in key for key in keys)
+    model, processor = load_model(final, device="cpu")
+    assert model.config.lora["r"] == 4 and model.config.base_llm == str(llm_dir)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero)
+    # quantized loading goes through a materialized full checkpoint with the adapters merged
+    monkeypatch.setenv("SPARSECUT_CACHE", str(tmp_path / "cache"))
+    inputs = processor(text="<image>\nWhat?", images=[str(final.parent.parent / "run" / "instruct" / "loss.png")])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        quantized, _ = load_model(final, device="cpu", quantization="8bit")
+        assert quantized.config.lora is None
+        assert (quantized(**inputs).logits - reference).abs().mean() < 0.25 * reference.std()
