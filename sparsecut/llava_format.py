@@ -35,7 +35,7 @@ class Sample:
     id: str | int
     """The record id, with its original type (the real files use strings; some tools write ints)."""
     image: str | None
-    """Image path (relative to the image root unless one was given to `load_llava_json`); None if text-only."""
+    """Image path (relative to the image root unless one was given when loading); None if text-only."""
     turns: list[tuple[str, str]]
     """(role, text) pairs, role "user" or "assistant"; texts keep the `<image>` placeholder as written."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +68,8 @@ def _parse_record(record: Any, index: int, image_root: str | None) -> Sample:
         expected = "human" if t % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or turn.get("from") != expected:
             got = turn.get("from") if isinstance(turn, dict) else turn
-            raise fail(f"turn {t} should be from {expected!r} (turns alternate, starting with human), got {got!r}")
+            raise fail(f"turn {t} should be from {expected!r} (turns alternate, starting with human), "
+                       f"got {got!r}")
         value = turn.get("value")
         if not isinstance(value, str) or not value.strip():
             raise fail(f"turn {t} has an empty or non-string 'value'")
@@ -116,7 +117,7 @@ def sample_to_record(sample: Sample, image_root: str | None = None) -> dict[str,
     """The JSON record of a sample; with `image_root`, the image path is written relative to it."""
     record: dict[str, Any] = {"id": sample.id}
     if sample.image is not None:
-        record["image"] = os.path.relpath(sample.image, image_root) if image_root is not None else sample.image
+        record["image"] = sample.image if image_root is None else os.path.relpath(sample.image, image_root)
     record["conversations"] = [{"from": _FROM[role], "value": text} for role, text in sample.turns]
     record.update(sample.meta)
     return record

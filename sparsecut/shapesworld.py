@@ -146,7 +146,7 @@ def scene_to_dict(scene: Scene) -> dict:
 
 
 def scene_from_dict(d: dict) -> Scene:
-    """Rebuild a scene from `scene_to_dict` output, also after a JSON round trip (which makes tuples lists)."""
+    """Rebuild a scene from `scene_to_dict` output, also after a JSON round trip (tuples become lists)."""
     bg = d["background"]
     background = Background(**{**bg, "colour": tuple(bg["colour"]), "colour2": tuple(bg["colour2"])})
     return Scene(objects=tuple(SceneObject(**o) for o in d["objects"]), background=background)
@@ -160,11 +160,13 @@ def scene_rng(seed: int, split: str, index: int) -> random.Random:
 
 
 def _random_light_colour(rng: random.Random) -> tuple[int, int, int]:
-    grey = rng.uniform(190, 232)
-    return tuple(int(round(grey + rng.uniform(-18, 18))) for _ in range(3))
+    # Light and greyish, but not so light that noise or the fine layer's fringes often clip at 255.
+    grey = rng.uniform(185, 220)
+    return tuple(round(grey + rng.uniform(-15, 15)) for _ in range(3))
 
 
-def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 8, char_prob: float = 0.8) -> Scene:
+def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 8,
+                 char_prob: float = 0.8) -> Scene:
     """Sample a scene. `char_prob` is the chance that an object able to carry a character gets one."""
     n = rng.randint(min_objects, max_objects)
     objects = []
@@ -260,8 +262,7 @@ def _checker(h: int, w: int) -> np.ndarray:
 _GLYPH_SIGNALS = {c: np.kron(glyph_bitmap(c), np.ones((2, 2), np.float32)) * _checker(14, 10) for c in CHARS}
 _GLYPH_W, _GLYPH_H = 10, 14
 _LABEL_GREY = 127.5  # the label behind a character: mid-grey, so the strokes can swing far both ways
-_GLYPH_AMPLITUDE = 90.0  # stroke contrast (grey levels either side of the label), leaving headroom for the
-# projection's small corrections so that nothing clips
+_GLYPH_AMPLITUDE = 90.0  # stroke contrast in grey levels either side of the label, with room to spare
 
 
 def _regular_polygon(n: int, radius: float, start_deg: float) -> tuple[tuple[float, float], ...]:
@@ -293,7 +294,7 @@ _POLYGONS = {
 _SUPERSAMPLE = 4  # anti-aliasing of outlines: coverage is averaged over 4x4 samples per pixel
 _NOISE_STD = 6.0  # grey levels of the noise background: a visible texture, far weaker than any object edge
 _DITHER_STD = 1.0  # grey levels of Gaussian dither added to every image before rounding
-_PATTERN_HEADROOM = 0.8  # pattern tones use 80% of the room to 0/255, leaving some for the projection
+_TONE_MARGIN = 20.0  # grey levels pattern tones keep from 0 and 255, room for the projection's corrections
 
 
 def _is_light(colour: str) -> bool:
@@ -309,9 +310,9 @@ def _pattern_tones(colour: str, pattern: str) -> tuple[np.ndarray, np.ndarray]:
         return base, base
     coverage = 0.25 if pattern == "dotted" else 0.5  # fraction of pixels in the "on" tone
     sign = -1 if _is_light(colour) else 1  # dots and stripes go dark on light colours, light on dark ones
-    room_on = base if sign < 0 else 255 - base
-    room_off = (255 - base if sign < 0 else base) * (1 - coverage) / coverage
-    step = sign * _PATTERN_HEADROOM * np.minimum(room_on, room_off)
+    low, high = base - _TONE_MARGIN, 255 - _TONE_MARGIN - base  # room below and above the colour
+    room_on, room_off = (low, high) if sign < 0 else (high, low)
+    step = sign * np.maximum(0, np.minimum(room_on, room_off * (1 - coverage) / coverage))
     return base + step, base - step * coverage / (1 - coverage)
 
 
@@ -360,11 +361,12 @@ def _render_background(bg: Background, size: int, rng: np.random.Generator) -> n
     start, end = np.array(bg.colour, np.float32), np.array(bg.colour2, np.float32)
     if bg.kind == "gradient":
         ramp = start + np.linspace(0, 1, size, dtype=np.float32)[:, None] * (end - start)  # (size, 3)
-        return np.ascontiguousarray(np.broadcast_to(ramp[:, None] if bg.vertical else ramp[None], (size, size, 3)))
+        ramp = ramp[:, None] if bg.vertical else ramp[None]
+        return np.ascontiguousarray(np.broadcast_to(ramp, (size, size, 3)))
     canvas = np.empty((size, size, 3), np.float32)
     canvas[:] = start
     if bg.kind == "noise":
-        canvas += _NOISE_STD * rng.standard_normal((size, size, 1), dtype=np.float32)
+        canvas += _NOISE_STD * np.clip(rng.standard_normal((size, size, 1), dtype=np.float32), -2.5, 2.5)
     return canvas
 
 
@@ -391,10 +393,12 @@ def render_layers(scene: Scene, image_size: int = 128) -> tuple[np.ndarray, np.n
             fine[box] += alpha[..., None] * (np.where(mask[..., None], on, off) - colour)
         if obj.char is not None:
             gx, gy = _label_origin(obj, image_size)
-            # A 1-pixel grey margin around the glyph keeps the pattern away from the strokes.
-            coarse[gy - 1:gy + _GLYPH_H + 1, gx - 1:gx + _GLYPH_W + 1] = _LABEL_GREY
-            fine[gy - 1:gy + _GLYPH_H + 1, gx - 1:gx + _GLYPH_W + 1] = 0
-            fine[gy:gy + _GLYPH_H, gx:gx + _GLYPH_W] = _GLYPH_AMPLITUDE * _GLYPH_SIGNALS[obj.char][..., None]
+            # The label is the glyph plus a 1-pixel grey margin that keeps the pattern away from the strokes.
+            # From 96 px up it lies inside the outline; below that the outline crops it.
+            label = np.s_[gy - 1:gy + _GLYPH_H + 1, gx - 1:gx + _GLYPH_W + 1]
+            inside = alpha[gy - 1 - y0:gy + _GLYPH_H + 1 - y0, gx - 1 - x0:gx + _GLYPH_W + 1 - x0, None]
+            coarse[label] += inside * (_LABEL_GREY - coarse[label])
+            fine[label] = inside * np.pad(_GLYPH_AMPLITUDE * _GLYPH_SIGNALS[obj.char], 1)[..., None]
     if fine.any():
         # Remove the part of the fine layer a 2x bicubic downsample would keep (mostly the traces where
         # patterns and glyphs end). The projection onto that filter's row space is separable: R F R^T.
@@ -412,7 +416,8 @@ def render_array(scene: Scene, image_size: int = 128, fine_detail: bool = True) 
     # Dither before rounding, so that rounding errors are noise rather than a faint, deterministic copy of
     # the fine layer that a model could learn to read at half resolution. It must be strong enough to also
     # randomise the rounding inside 8-bit resizers (PIL rounds between its horizontal and vertical passes).
-    dither = _DITHER_STD * np.random.default_rng(scene.background.seed + 1).standard_normal(image.shape, np.float32)
+    rng = np.random.default_rng(scene.background.seed + 1)
+    dither = _DITHER_STD * rng.standard_normal(image.shape, np.float32)
     return np.clip(np.rint(image + dither), 0, 255).astype(np.uint8)
 
 
@@ -457,8 +462,10 @@ class Ref:
     """Required region, or None for any."""
 
     def matches(self, obj: SceneObject) -> bool:
-        return ((self.shape is None or obj.shape == self.shape) and (self.colour is None or obj.colour == self.colour)
-                and (self.size is None or obj.size == self.size) and (self.region is None or obj.region == self.region))
+        return ((self.shape is None or obj.shape == self.shape)
+                and (self.colour is None or obj.colour == self.colour)
+                and (self.size is None or obj.size == self.size)
+                and (self.region is None or obj.region == self.region))
 
     def noun(self, plural: bool = False) -> str:
         """e.g. "large red circle", "red objects" (no article, no region)."""
@@ -502,7 +509,8 @@ _TEMPLATES = {
               "What is the number of {np}?"),
     "position": ("Where is {ref}?", "In which part of the image is {ref}?", "Where in the image is {ref}?",
                  "Which region contains {ref}?"),
-    "relation": ("Is {ref} {rel} {ref2}?", "Is it true that {ref} is {rel} {ref2}?", "Does {ref} appear {rel} {ref2}?"),
+    "relation": ("Is {ref} {rel} {ref2}?", "Is it true that {ref} is {rel} {ref2}?",
+                 "Does {ref} appear {rel} {ref2}?"),
     "relation_which": ("Is {ref} {choice} {ref2}?", "Relative to {ref2}, is {ref} {choice}?",
                        "Compared with {ref2}, is {ref} {choice}?"),
     "pattern": ("What pattern does {ref} have?", "What is the fill pattern of {ref}?", "How is {ref} filled?",
@@ -511,7 +519,8 @@ _TEMPLATES = {
                   "What is the character on {ref}?", "Read the character printed on {ref}."),
     "existence": ("Is there {ind} in the image?", "Does the image contain {ind}?", "Can you see {ind}?",
                   "Is there {ind}?"),
-    "description": ("Describe the image.", "Describe every object in the image.", "List all the objects in the image.",
+    "description": ("Describe the image.", "Describe every object in the image.",
+                    "List all the objects in the image.",
                     "What objects are in this image? Describe each one."),
 }
 _RELATION_PHRASE = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
@@ -545,7 +554,7 @@ def resolve(scene: Scene, ref: Ref) -> SceneObject:
 
 
 def describe_object(obj: SceneObject) -> str:
-    """Canonical description of one object, e.g. "a large red striped circle with the letter K at the top left"."""
+    """Canonical description of one object, e.g. "a large red striped circle with the letter K at the top"."""
     text = f"a {obj.size} {obj.colour} {obj.pattern} {obj.shape}"
     if obj.char is not None:
         text += f" with the {'digit' if obj.char.isdigit() else 'letter'} {obj.char}"
@@ -627,7 +636,8 @@ def _count_question(scene: Scene, rng: random.Random) -> QuestionSpec:
         ref = Ref(**{a: getattr(source, a) for a in attrs})
     else:
         ref = Ref(**{a: rng.choice(_VALUES[a]) for a in attrs})
-    return QuestionSpec(family="count", text=rng.choice(_TEMPLATES["count"]).format(np=ref.noun(plural=True)), ref=ref)
+    text = rng.choice(_TEMPLATES["count"]).format(np=ref.noun(plural=True))
+    return QuestionSpec(family="count", text=text, ref=ref)
 
 
 def _existence_question(scene: Scene, rng: random.Random) -> QuestionSpec | None:
@@ -635,13 +645,15 @@ def _existence_question(scene: Scene, rng: random.Random) -> QuestionSpec | None
     with one attribute changed, or the attributes of two present objects recombined, so they are plausible."""
     want_present = rng.random() < 0.5
     for _ in range(20):
-        attrs = rng.choice((("shape",), ("colour", "shape"), ("colour", "shape"), ("size", "colour", "shape")))
+        attrs = rng.choice((("shape",), ("colour", "shape"), ("colour", "shape"),
+                            ("size", "colour", "shape")))
         source = rng.choice(scene.objects)
         values = {a: getattr(source, a) for a in attrs}
         if not want_present:
             changed = rng.choice(attrs)
             other = rng.choice(scene.objects)
-            use_other = other is not source and getattr(other, changed) != values[changed] and rng.random() < 0.5
+            use_other = (other is not source and getattr(other, changed) != values[changed]
+                         and rng.random() < 0.5)
             values[changed] = getattr(other, changed) if use_other else rng.choice(_VALUES[changed])
         ref = Ref(**values)
         if any(ref.matches(o) for o in scene.objects) == want_present:
@@ -658,7 +670,8 @@ def _relation_question(scene: Scene, rng: random.Random) -> QuestionSpec | None:
         if ref is None or ref2 is None:
             continue
         (row, col), (row2, col2) = _grid(a), _grid(b)
-        axis = rng.choice([ax for ax, differs in (("horizontal", col != col2), ("vertical", row != row2)) if differs])
+        axes = [ax for ax, differs in (("horizontal", col != col2), ("vertical", row != row2)) if differs]
+        axis = rng.choice(axes)
         if rng.random() < 0.5:
             relation = "left/right" if axis == "horizontal" else "above/below"
             text = rng.choice(_TEMPLATES["relation_which"]).format(
@@ -675,7 +688,7 @@ def _relation_question(scene: Scene, rng: random.Random) -> QuestionSpec | None:
 
 
 def make_question(scene: Scene, family: str, rng: random.Random) -> QuestionSpec | None:
-    """A random question of `family` about `scene`, or None when the scene offers none (e.g. no characters)."""
+    """A random question of `family` about `scene`, or None if the scene offers none (e.g. no characters)."""
     if family == "description":
         return QuestionSpec(family=family, text=rng.choice(_TEMPLATES["description"]))
     if family == "count":
@@ -687,7 +700,8 @@ def make_question(scene: Scene, family: str, rng: random.Random) -> QuestionSpec
     return _about_one_object(scene, family, rng)
 
 
-def make_questions(scene: Scene, n: int, rng: random.Random, asked: Counter | None = None) -> list[QuestionSpec]:
+def make_questions(scene: Scene, n: int, rng: random.Random,
+                   asked: Counter | None = None) -> list[QuestionSpec]:
     """Up to `n` different questions about `scene`.
 
     Families are balanced across a dataset through `asked` (family -> number asked so far, updated in
@@ -743,7 +757,8 @@ def load_scenes(path: str | Path) -> dict[str, Scene]:
     return {k: scene_from_dict(v) for k, v in json.loads(Path(path).read_text()).items()}
 
 
-def generate(out_dir: str, n_images: int = 1000, seed: int = 0, image_size: int = 128, split: str = "train") -> str:
+def generate(out_dir: str, n_images: int = 1000, seed: int = 0, image_size: int = 128,
+             split: str = "train") -> str:
     """Command-line entry point: generate one split of ShapesWorld, 4 questions per image, into `out_dir`.
 
     Returns the path of the LLaVA JSON file written.
@@ -756,7 +771,8 @@ def generate(out_dir: str, n_images: int = 1000, seed: int = 0, image_size: int 
 
 _DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-            "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+            "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS,
+            "nearest": Image.Resampling.NEAREST}
 
 
 def _texture_features(lum: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -784,6 +800,10 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(rgb, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
+def _mean_square_difference(a: Image.Image, b: Image.Image) -> float:
+    return float(((np.asarray(a, np.float32) - np.asarray(b, np.float32)) ** 2).mean())
+
+
 def _normalised(x: np.ndarray) -> np.ndarray:
     x = x - x.mean(-1, keepdims=True)
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
@@ -798,21 +818,22 @@ def _glyph_window(obj: SceneObject, image_size: int, factor: int) -> tuple[slice
     return np.s_[gy // 2 - 1:(gy + _GLYPH_H) // 2 + 1, gx // 2 - 1:(gx + _GLYPH_W) // 2 + 1]
 
 
-def _glyph_templates(image_size: int) -> dict[int, np.ndarray]:
+def _glyph_templates(image_size: int, resample: Image.Resampling) -> dict[int, np.ndarray]:
     """Per view (factor 1 or 2), an array (n_chars, n_pixels): each character as that view shows it, on a
     large square in the middle of a plain image, rendered and downsampled like the data."""
     templates: dict[int, list[np.ndarray]] = {1: [], 2: []}
     for c in CHARS:
-        obj = SceneObject(shape="square", colour="blue", size="large", pattern="solid", region="center", char=c,
-                          x=0.5, y=0.5)
+        obj = SceneObject(shape="square", colour="blue", size="large", pattern="solid", region="center",
+                          char=c, x=0.5, y=0.5)
         scene = Scene(objects=(obj,), background=Background("plain", (210, 210, 210), (210, 210, 210)))
         full = render(scene, image_size)
-        for factor, view in ((1, full), (2, downsample(full))):
+        for factor, view in ((1, full), (2, downsample(full, 2, resample))):
             templates[factor].append(_luminance(view)[_glyph_window(obj, image_size, factor)].ravel())
     return {f: _normalised(np.stack(t)) for f, t in templates.items()}
 
 
-def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200) -> dict[str, float]:
+def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
+                      half_filter: str = "bicubic") -> dict[str, float]:
     """Measure how much fine detail survives in the half-resolution view, over `n_scenes` random scenes.
 
     * `retained_<filter>`: RMS of what the fine layer changes in the half-resolution view made with that PIL
@@ -820,11 +841,15 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200)
       shrinks; 0 when the view does not show it at all. Bicubic is the filter the fine layer is built for.
     * `pattern_accuracy_<view>`: a 1-nearest-neighbour classifier of the pattern from 4 directional
       neighbour differences inside each object (away from its outline and label), trained on half of the
-      objects and tested on the other half (chance 0.25). Bicubic half-resolution view.
+      objects and tested on the other half (chance 0.25).
     * `glyph_accuracy_<view>`: a template matcher that knows where the glyph is and compares it with each
-      character rendered the same way and seen in the same view (chance 1/36). Bicubic view.
+      character rendered the same way and seen in the same view (chance 1/36).
+
+    The half view of the two classifiers is made with `half_filter`, one of "bicubic", "bilinear", "box",
+    "lanczos" and "nearest".
     """
-    templates = _glyph_templates(image_size)
+    resample = _FILTERS[half_filter]
+    templates = _glyph_templates(image_size, resample)
     squared = Counter()
     features: dict[int, list[np.ndarray]] = {1: [], 2: []}
     pattern_labels, glyph_hits, n_glyphs = [], Counter(), 0
@@ -832,11 +857,10 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200)
         scene = sample_scene(scene_rng(seed, "legibility", i))
         full = render(scene, image_size)
         coarse = Image.fromarray(render_array(scene, image_size, fine_detail=False), "RGB")
-        squared["full"] += float(((np.asarray(full, np.float32) - np.asarray(coarse, np.float32)) ** 2).mean())
-        for name, resample in _FILTERS.items():
-            diff = np.asarray(downsample(full, 2, resample), np.float32) - np.asarray(downsample(coarse, 2, resample))
-            squared[name] += float((diff ** 2).mean())
-        lum = {1: _luminance(full), 2: _luminance(downsample(full))}
+        squared["full"] += _mean_square_difference(full, coarse)
+        for name, other in _FILTERS.items():
+            squared[name] += _mean_square_difference(downsample(full, 2, other), downsample(coarse, 2, other))
+        lum = {1: _luminance(full), 2: _luminance(downsample(full, 2, resample))}
         for obj in scene.objects:
             x0, y0, alpha = _outline_alpha(obj, image_size)
             inside = np.zeros((image_size, image_size), bool)
@@ -861,7 +885,8 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200)
         report[f"retained_{name}"] = math.sqrt(squared[name] / squared["full"])
     for f, view in ((1, "full"), (2, "half")):
         feats = np.stack(features[f])
-        # Which directions vary, plus how much: stripes, checks and dots differ in the first, solid in the second.
+        # Which directions vary, and how much: stripes, checks and dots differ in the first, solid in the
+        # second.
         energy = feats.sum(1, keepdims=True)
         profile = np.concatenate([feats / (energy + 1e-6), np.log1p(energy)], 1)
         train, test = profile[0::2], profile[1::2]

@@ -42,6 +42,8 @@ from .charts import line_chart
 from .data import Collator, ConversationDataset
 from .llava_format import load_llava_json
 from .modeling import SparseCutForConditionalGeneration
+from .pretrain_vision import VisionPretrainConfig, pretrain_vision
+from .shapesworld import generate_dataset
 from .testing import byte_tokenizer
 
 TRAINABLE_PARTS = ("fusion", "gates", "lora", "llm", "vision")
@@ -78,6 +80,8 @@ class StageConfig:
     """AdamW weight decay."""
     max_length: int | None = None
     """Truncate conversations to this many tokens (never through an image)."""
+    eval_samples: int | None = 256
+    """Evaluate on the first this-many held-out conversations (None: all of them)."""
     eval_every: int = 0
     """Steps between evaluations (0: only at the end)."""
     save_every: int = 0
@@ -109,6 +113,12 @@ class TrainConfig:
     given by name or path, trained through LoRA or not at all)."""
     lora: dict = field(default_factory=dict)
     """peft LoraConfig arguments for stages that train `lora` (defaults: sparsecut.adapters.LORA_DEFAULTS)."""
+    shapesworld: dict | None = None
+    """Generate ShapesWorld first if missing: {out_dir, train_images, test_images, image_size, seed}; stage data
+    paths may then point into out_dir."""
+    vision_pretraining: dict | None = None
+    """Stage 0 of the offline default (`VisionPretrainConfig` fields): train a small encoder on ShapesWorld and
+    save it to `model.vision` (a path) before the SparseCut stages, unless it is already there."""
 
     def __post_init__(self):
         if not self.save_base_llm:
@@ -121,6 +131,11 @@ class TrainConfig:
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         raw = yaml.safe_load(Path(path).read_text())
         base = Path(path).resolve().parent
+        if raw.get("shapesworld") and not os.path.isabs(raw["shapesworld"]["out_dir"]):
+            raw["shapesworld"]["out_dir"] = str((base / raw["shapesworld"]["out_dir"]).resolve())
+        vision = raw.get("model", {}).get("vision")
+        if raw.get("vision_pretraining") is not None and isinstance(vision, str) and not os.path.isabs(vision):
+            raw["model"]["vision"] = str((base / vision).resolve())
         stages = []
         for stage in raw.pop("stages"):
             for key in ("data", "eval_data", "image_root"):
@@ -176,8 +191,10 @@ def initial_model(config: TrainConfig):
     )
 
 
-def _loader(path: str, image_root: str | None, processor, stage: StageConfig, shuffle: bool, seed: int) -> DataLoader:
-    samples = load_llava_json(path, image_root=image_root or str(Path(path).parent))
+def _loader(
+    path: str, image_root: str | None, processor, stage: StageConfig, shuffle: bool, seed: int, limit: int | None = None
+) -> DataLoader:
+    samples = load_llava_json(path, image_root=image_root or str(Path(path).parent))[:limit]
     dataset = ConversationDataset(samples, processor, stage.max_length)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -215,7 +232,9 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
         model.activation_checkpointing_enable({"use_reentrant": False})
     train_loader = _loader(stage.data, stage.image_root, processor, stage, shuffle=True, seed=seed)
     eval_loader = (
-        _loader(stage.eval_data, None, processor, stage, shuffle=False, seed=seed) if stage.eval_data else None
+        _loader(stage.eval_data, None, processor, stage, shuffle=False, seed=seed, limit=stage.eval_samples)
+        if stage.eval_data
+        else None
     )
     steps_per_epoch = math.ceil(len(train_loader) / stage.gradient_accumulation)
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
@@ -308,12 +327,25 @@ def plot_log(log_path: Path, png_path: Path, title: str) -> None:
     line_chart(series, title=title, x_label="step").save(png_path)
 
 
+def prepare_shapesworld(out_dir: str, train_images: int, test_images: int, image_size: int = 128, seed: int = 0):
+    """Generate the train and test splits unless they are already there (splits are disjoint by construction)."""
+    for split, n_images in (("train", train_images), ("test", test_images)):
+        if not (Path(out_dir) / f"{split}.json").is_file():
+            generate_dataset(out_dir, n_images, seed=seed, image_size=image_size, split=split)
+
+
 def train(config_path: str, resume: bool = True) -> Path:
     """Run every stage of a training config; returns the final checkpoint directory."""
     config = TrainConfig.from_yaml(config_path)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.json").write_text(json.dumps(asdict(config), indent=2))
+    if config.shapesworld is not None:
+        prepare_shapesworld(**config.shapesworld)
+    if config.vision_pretraining is not None:
+        encoder_dir = Path(config.model["vision"])
+        if not (encoder_dir / "config.json").is_file():
+            pretrain_vision(VisionPretrainConfig(**config.vision_pretraining), encoder_dir)
     model, processor = None, None
     for stage in config.stages:
         stage_dir = out / stage.name

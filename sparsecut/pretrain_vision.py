@@ -1,0 +1,148 @@
+"""Stage 0 of the *offline default* recipe: pretrain a small vision encoder on ShapesWorld, then freeze it.
+
+Not part of the SparseCut method: the paper starts from a pretrained CLIP ViT-L/14-336, which cannot be
+downloaded here, so the default model first learns to see ShapesWorld. The encoder is trained on exactly the
+views SparseCut feeds it (the low-res image and the grid x grid high-res crops), with linear heads reading
+the patch token under each object's centre (shape, colour, size, pattern, character) and an occupancy head on
+every patch. Fine details are only legible in the crops, so that is where the encoder learns them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModel, SiglipVisionConfig, get_cosine_schedule_with_warmup
+
+from .shapesworld import CHARS, COLOURS, PATTERNS, SHAPES, SIZE_RADIUS, SIZES, render, sample_scene
+from .vision import HALF, make_views
+
+ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "pattern": PATTERNS, "char": ("none", *CHARS)}
+
+
+@dataclass
+class VisionPretrainConfig:
+    """Stage 0 settings (the `vision_pretraining` block of a training yaml)."""
+
+    steps: int = 1500
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Scenes per step (each gives 1 + grid**2 views)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate (cosine decay)."""
+    high_res_grid: int = 2
+    """Must match the SparseCut model's grid: the crops the encoder learns on are the ones it will see."""
+    seed: int = 0
+    """Seed of the scene stream and the weights (scenes use the 'pretrain' split, disjoint from train/test)."""
+    encoder: dict | None = None
+    """SiglipVisionConfig arguments (default: 4 layers, hidden 128, 64 px input, 8 px patches)."""
+
+
+DEFAULT_ENCODER = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8
+)
+
+
+def view_targets(scene, side: int, grid: int) -> list[list[tuple[int, object]]]:
+    """For each view (low-res, then crops row-major), the (patch index, object) pairs of objects whose centre
+    falls in that view."""
+    per_view: list[list[tuple[int, object]]] = [[] for _ in range(1 + grid * grid)]
+    for obj in scene.objects:
+        per_view[0].append((int(obj.y * side) * side + int(obj.x * side), obj))
+        gy, gx = obj.y * grid, obj.x * grid
+        cy, cx = min(int(gy), grid - 1), min(int(gx), grid - 1)
+        row, col = min(int((gy - cy) * side), side - 1), min(int((gx - cx) * side), side - 1)
+        per_view[1 + cy * grid + cx].append((row * side + col, obj))
+    return per_view
+
+
+def occupancy(scene, side: int, grid: int) -> np.ndarray:
+    """(1 + grid**2, side*side) 0/1: whether each patch centre lies within an object's radius."""
+    centres = (np.arange(side) + 0.5) / side
+    maps = []
+    for view in range(1 + grid * grid):
+        if view == 0:
+            ys, xs = centres, centres
+        else:
+            cy, cx = divmod(view - 1, grid)
+            ys, xs = (cy + centres) / grid, (cx + centres) / grid
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        inside = np.zeros((side, side), dtype=bool)
+        for obj in scene.objects:
+            inside |= (yy - obj.y) ** 2 + (xx - obj.x) ** 2 <= SIZE_RADIUS[obj.size] ** 2
+        maps.append(inside.reshape(-1))
+    return np.stack(maps).astype(np.float32)
+
+
+class PretrainHeads(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.attributes = nn.ModuleDict({name: nn.Linear(hidden, len(values)) for name, values in ATTRIBUTES.items()})
+        self.occupancy = nn.Linear(hidden, 1)
+
+
+def make_batch(rng: random.Random, batch_size: int, size: int, grid: int, side: int):
+    views, occupied, picks = [], [], []  # picks: (row in the view batch, patch, attribute labels)
+    for index in range(batch_size):
+        scene = sample_scene(rng)
+        image = render(scene, size * grid)
+        views.append(make_views(image, size, grid, HALF, HALF))
+        occupied.append(occupancy(scene, side, grid))
+        for view, targets in enumerate(view_targets(scene, side, grid)):
+            for patch, obj in targets:
+                labels = {name: ATTRIBUTES[name].index(getattr(obj, name) or "none") for name in ATTRIBUTES}
+                picks.append((index * (1 + grid * grid) + view, patch, labels))
+    pixel_values = torch.from_numpy(np.concatenate(views))  # (B * V, 3, S, S)
+    return pixel_values, torch.from_numpy(np.concatenate(occupied)), picks
+
+
+def pretrain_vision(config: VisionPretrainConfig, out_dir: str | Path) -> Path:
+    """Train the encoder and save it (transformers format) to out_dir; returns out_dir."""
+    out = Path(out_dir)
+    torch.manual_seed(config.seed)
+    encoder_config = SiglipVisionConfig(**{**DEFAULT_ENCODER, **(config.encoder or {})}, vision_use_head=False)
+    encoder = AutoModel.from_config(encoder_config)
+    heads = PretrainHeads(encoder_config.hidden_size)
+    parameters = [*encoder.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, config.steps // 20), config.steps)
+    size, grid = encoder_config.image_size, config.high_res_grid
+    side = size // encoder_config.patch_size
+    rng = random.Random(f"pretrain-{config.seed}")
+    progress = tqdm(range(config.steps), desc="stage 0: vision encoder")
+    log, started = [], time.perf_counter()
+    for step in progress:
+        pixel_values, occupied, picks = make_batch(rng, config.batch_size, size, grid, side)
+        tokens = encoder(pixel_values=pixel_values).last_hidden_state  # (B*V, side*side, d)
+        loss = F.binary_cross_entropy_with_logits(heads.occupancy(tokens).squeeze(-1), occupied)
+        rows = torch.tensor([p[0] for p in picks])
+        patches = torch.tensor([p[1] for p in picks])
+        picked = tokens[rows, patches]  # (objects, d)
+        accuracy = {}
+        for name, head in heads.attributes.items():
+            target = torch.tensor([p[2][name] for p in picks])
+            logits = head(picked)
+            loss = loss + F.cross_entropy(logits, target)
+            accuracy[name] = float((logits.argmax(-1) == target).float().mean())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        log.append({"step": step + 1, "loss": float(loss), **accuracy})
+        progress.set_postfix(
+            loss=f"{float(loss):.3f}", pattern=f"{accuracy['pattern']:.2f}", char=f"{accuracy['char']:.2f}"
+        )
+    encoder.save_pretrained(out)
+    (out / "pretrain_log.json").write_text(
+        json.dumps({"seconds": time.perf_counter() - started, "config": config.__dict__, "log": log[-50:]}, indent=1)
+    )
+    return out
