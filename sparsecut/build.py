@@ -207,6 +207,21 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return json.loads(config_file.read_text()).get("model_type") == SparseCutConfig.model_type
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Refuse what is not a SparseCut checkpoint in safetensors: weights are never unpickled."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"No checkpoint directory at {path}.")
+    if not is_checkpoint(path):
+        raise ValueError(f"{path} has no SparseCut config.json (model_type 'sparsecut').")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        found = f" (found pickle files: {', '.join(pickles)})" if pickles else ""
+        raise ValueError(f"{path} has no .safetensors weights{found}; only safetensors are loaded, never pickles.")
+
+
 def ships_without_base(path: Path) -> bool:
     """Whether a checkpoint leaves its LLM's base weights out (see `sparsecut.adapters.save_without_base`)."""
     weights = path / "model.safetensors"
@@ -254,15 +269,16 @@ def load_model(
     vision encoder; the fusion, the shortcut gates and the LM head stay unquantized. dtype defaults to
     bfloat16 on CUDA and float32 on the CPU.
     """
+    target = resolve_device(device)  # argument errors first, before touching any file
+    bnb = quantization_config(quantization, target)
     path = Path(name_or_path) if name_or_path is not None else DEFAULT_WEIGHTS
     if name_or_path is None and not is_checkpoint(path):
         raise FileNotFoundError(
             f"No default model in {path} yet. Train one (see README, `sparsecut train`) or pass a checkpoint path."
         )
-    target = resolve_device(device)
+    check_checkpoint_files(path)
     dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
     kwargs = {"dtype": dtype}
-    bnb = quantization_config(quantization, target)
     if ships_without_base(path):
         model = load_without_base(path, dtype)
         processor = SparseCutProcessor.from_pretrained(str(path))
@@ -279,7 +295,17 @@ def load_model(
         kwargs.update(
             quantization_config=bnb, device_map={"": target.index or 0} if target.type == "cuda" else {"": "cpu"}
         )
-    model = SparseCutForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    model, info = SparseCutForConditionalGeneration.from_pretrained(
+        str(path), use_safetensors=True, output_loading_info=True, **kwargs
+    )
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise ValueError(
+            f"Checkpoint {path} does not match its config: "
+            + "; ".join(
+                f"{kind.replace('_', ' ')}: {', '.join(map(str, keys))}" for kind, keys in problems.items() if keys
+            )
+        )
     if bnb is None:
         model.to(target)
     processor = SparseCutProcessor.from_pretrained(str(path))

@@ -153,3 +153,41 @@ def test_missing_bitsandbytes_and_missing_cuda_are_clear_errors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         load_model("anything", device="cuda")
+
+
+def test_checkpoints_are_checked_before_loading(tmp_path):
+    import json
+
+    model, processor = tiny_model()
+    model.save_pretrained(tmp_path / "good")
+    processor.save_pretrained(tmp_path / "good")
+    # a pickle instead of safetensors is refused, never unpickled
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(ValueError, match="only safetensors"):
+        load_model(pickled, device="cpu")
+    # a schedule that does not fit the LLM's depth is refused by the config
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    config["shortcut_llm_layers"][0] = 40
+    (tmp_path / "good" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="LLM has 4 layers"):
+        load_model(tmp_path / "good", device="cpu")
+    with pytest.raises(ValueError, match="no SparseCut config"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_missing_and_unexpected_weights_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, processor = tiny_model()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["fusion.projector.linear_2.bias"]
+    weights["fusion.extra.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="fusion.projector.linear_2.bias") as error:
+        load_model(tmp_path, device="cpu")
+    assert "fusion.extra.weight" in str(error.value)
