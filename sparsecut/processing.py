@@ -15,10 +15,20 @@ import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from .images import load_image
+from .images import InvalidInputError, load_image
 from .vision import HALF, make_views
 
 ZERO_WIDTH_SPACE = "\u200b"
+ROLES = ("system", "user", "assistant")
+
+
+def as_text(value) -> str:
+    """User text as str: bytes are decoded as UTF-8 with invalid sequences replaced, never refused."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        raise InvalidInputError(f"Text must be a string, got {type(value).__name__}.")
+    return value
 
 
 class SparseCutProcessor(ProcessorMixin):
@@ -160,24 +170,31 @@ class SparseCutProcessor(ProcessorMixin):
         Content may be a string or a list of {"type": "text", "text": ...} and {"type": "image"[, "image": x]}
         items; an image item becomes the placeholder at its place. Text is escaped (see `escape_text`).
         """
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InvalidInputError("A conversation is a non-empty list of messages.")
         rendered, images = [], []
-        for message in messages:
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise InvalidInputError(f"Message {index} needs a role among {', '.join(ROLES)}.")
             content = message.get("content", "")
-            if isinstance(content, str):
-                rendered.append({"role": message["role"], "content": self.escape_text(content)})
-                continue
+            if isinstance(content, (str, bytes)):
+                content = [{"type": "text", "text": content}]
+            if not isinstance(content, (list, tuple)):
+                raise InvalidInputError(f"Message {index}: content must be text or a list of items.")
             parts = []
             for item in content:
-                kind = item.get("type")
+                kind = item.get("type") if isinstance(item, dict) else None
                 if kind == "image":
                     parts.append(self.image_token)
                     source = item.get("image", item.get("path"))
                     if source is not None:
                         images.append(source)
                 elif kind == "text":
-                    parts.append(self.escape_text(item.get("text", "")))
+                    parts.append(self.escape_text(as_text(item.get("text", ""))))
                 else:
-                    raise ValueError(f"Unsupported content item type {kind!r}; use 'text' or 'image'.")
+                    raise InvalidInputError(
+                        f"Message {index}: unsupported content item {kind!r}; use 'text' or 'image'."
+                    )
             rendered.append({"role": message["role"], "content": "\n".join(parts)})
         return rendered, images
 
@@ -195,7 +212,9 @@ class SparseCutProcessor(ProcessorMixin):
     ):
         """Render chat messages with the LLM's chat template; with `tokenize=True` also process the images
         (taken from the image items, or from `images` in order) and return model inputs."""
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise InvalidInputError("A conversation is a non-empty list of messages (or a list of conversations).")
+        batched = isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
         template = chat_template or self.chat_template
         if template is None and self.tokenizer.chat_template is None:
