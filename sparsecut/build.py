@@ -77,6 +77,8 @@ def load_llm(llm: str | PreTrainedConfig, dtype: torch.dtype | None = None) -> t
     # A GGUF-loaded model carries its GGUF origin and cannot be saved as is: copy it into a plain model.
     config = dequantized.config
     config.dtype = None
+    if hasattr(config, "quantization_config"):  # the GGUF's own; the copy below is plain float weights
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantized.state_dict())
     model.generation_config = dequantized.generation_config

@@ -79,6 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     show = commands.add_parser("info", help=info.__doc__)
     show.add_argument("--model", default=None)
 
+    timing = commands.add_parser("bench", help="time SparseCut against LLaVA-style and appended-tokens baselines")
+    timing.add_argument("--model", default=None, help="checkpoint (default: weights/, else the default shape)")
+    timing.add_argument("--quick", action="store_true", help="tiny model, few runs and tokens (CI smoke test)")
+    timing.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    timing.add_argument(
+        "--quantization", choices=["none", "8bit", "4bit"], default=None, help="only this precision (default: all)"
+    )
+    timing.add_argument("--out-dir", default="benchmarks/results")
+    timing.add_argument("--compile", action="store_true", help="CUDA: static KV cache + torch.compile decode")
+    timing.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+
     fit = commands.add_parser("train", help="run every stage of a training config (sparsecut/train.py)")
     fit.add_argument("config", help="training yaml (its first line says how to run it)")
     fit.add_argument("--no-resume", action="store_true", help="restart every stage from scratch")
@@ -104,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
             generate(args.model, args.image, args.prompt, args.quantization, args.device, args.max_new_tokens)
         elif args.command == "info":
             info(args.model)
+        elif args.command == "bench":
+            from .bench import bench
+
+            bench(args.model, args.quick, args.device, args.quantization, args.out_dir, args.compile, args.threads)
         elif args.command == "train":
             from .train import train
 

@@ -176,11 +176,13 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         image_mask = input_ids == self.config.image_token_id  # (B, T)
         # The placeholder id may lie outside the LLM's vocabulary (no embedding resize), so look up id 0 there.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        n_tokens = int(image_mask.sum())
         if features is None:
-            if n_tokens:
+            # Reading the count back is a graph break under torch.compile, which `generate` applies to the
+            # static-cache decode steps only (their one new token is the model's own), so the check runs eagerly.
+            if not torch.compiler.is_compiling() and (n_tokens := int(image_mask.sum())):
                 raise ValueError(f"input_ids contain {n_tokens} image tokens but no pixel_values were given.")
             return embeds, image_mask
+        n_tokens = int(image_mask.sum())
         n_features = features.inputs.shape[0] * features.inputs.shape[1]
         if n_tokens != n_features:
             raise ValueError(

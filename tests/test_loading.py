@@ -87,6 +87,7 @@ def test_bad_quantization_name():
 def test_real_smollm2_answers_a_text_question():
     model, processor = build(vision=tiny_vision_config(), llm="smollm2-135m", fusion_num_heads=4)
     assert model.config.text_config.num_hidden_layers == 30
+    assert "quantization_config" not in model.config.to_dict()["text_config"]  # plain weights, re-quantizable
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,

@@ -1,0 +1,1130 @@
+"""`sparsecut bench`: what SparseCut costs at inference, measured against its two baselines on the same weights.
+
+For every variant the benchmark runs one chat request (one image + a short question, batch 1, greedy) end to
+end through `processor.apply_chat_template` and `model.generate`, and records
+
+- time to first token (TTFT), split into preprocessing (the processor), vision encoder, fusion and LLM
+  prefill (embedding merge, the LLM forward with its shortcut hooks, the LM head) plus what is left (`other`:
+  `generate`'s own set-up);
+- decode speed in tokens/s over `new_tokens` generated tokens (EOS suppressed with min_new_tokens);
+- peak memory (process RSS high-water mark on the CPU, `max_memory_allocated` on CUDA) and the LLM input length.
+
+Variants, all built from ONE set of weights (the derived ones share the base model's modules, so nothing is
+copied and no weight differs):
+
+- `sparsecut`: the model as configured (1 + grid**2 views in one encoder batch, fusion, sparse shortcuts);
+- `sparsecut+stats`: the same while collecting the demo statistics (`record_stats`: shortcut ratios, fusion
+  attention maps), to price the introspection;
+- `llava`: LLaVA-1.5-style, a config variant (`fusion="none", high_res_grid=1, schedule="none"`) wrapped around
+  the same encoder, projector and LLM: the encoder sees the low-res view only, no cross-attention block, no
+  shortcut hooks;
+- `appended`: high-res tokens appended (`fusion="none", append_high_res_tokens=True`, no shortcuts): every
+  view's tokens go through the same projector into the LLM input, (1 + grid**2) x the image tokens.
+
+Each variant runs in fp32 (CPU) / bf16 (CUDA) and, where bitsandbytes is installed, 8-bit and 4-bit (nf4),
+loaded through `load_model(..., quantization=...)`. On CUDA a 7B-class shape (CLIP ViT-L/14-336 + Llama-2-7B
+shapes, random weights from configs) is added in bf16 and nf4, with decode speed also given as a fraction of
+the memory-bandwidth bound (LLM weight bytes read per token / peak HBM bandwidth).
+
+Timings on a shared machine are noisy, so the targets are ratios within one run: the variants of a group are
+interleaved round-robin (each round runs every variant once, in a rotated order) and every ratio is the median
+of the per-round ratios, so background load hits all variants alike. On the CPU the same ratios are also
+given from process CPU time, and `threads=1` keeps OpenMP threads from waiting on each other when other jobs
+hold the cores. `compile=True` (CUDA) decodes with a static KV cache through torch.compile.
+
+Results go to `benchmarks/results/<device>-<cpu or gpu model>[-<quantization>][-compile][-quick].json` and
+`.md`: the machine (CPU model and threads, GPU and its bandwidth, library versions), the exact command, every
+run, and the targets with pass/fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from .build import DEFAULT_WEIGHTS, build, is_checkpoint, load_model
+from .configuration import SparseCutConfig
+from .fusion import Projector
+from .modeling import SparseCutForConditionalGeneration
+from .processing import SparseCutProcessor
+from .testing import byte_tokenizer, tiny_text_config, tiny_vision_config
+
+# --- what is measured ---------------------------------------------------------------------------------------
+VARIANTS = ("sparsecut", "sparsecut+stats", "llava", "appended")
+QUANTIZED = ("8bit", "4bit")
+PROMPT = "Describe this image in detail."
+IMAGE_SIZE = (640, 480)  # a photo-sized input, so preprocessing does a real resize
+
+# The planned default model (weights/ is trained by `sparsecut train`); benchmarked with random encoder and
+# fusion weights and the real SmolLM2-135M-Instruct while weights/ does not exist yet.
+DEFAULT_VISION = dict(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, image_size=64, patch_size=8
+)
+DEFAULT_SPARSECUT = dict(fusion="cross_attention", high_res_grid=2, schedule="uniform:4")
+# CLIP ViT-L/14-336 + Llama-2-7B shapes (LLaVA-1.5-7B), random weights built from configs: nothing downloaded.
+SEVEN_B_VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
+SEVEN_B_LLM = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
+SEVEN_B_SPARSECUT = dict(fusion="cross_attention", high_res_grid=2, schedule="uniform:8", fusion_num_heads=16)
+
+# Peak HBM bandwidth (GB/s) by GPU name, used only when the device properties lack the memory clock / bus width;
+# more specific names first.
+HBM_BANDWIDTH_GBS = {
+    "H200": 4800,
+    "H100 NVL": 3900,
+    "H100 PCIe": 2000,
+    "H100": 3350,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,
+    "L40S": 864,
+    "L4": 300,
+    "A10": 600,
+    "RTX 4090": 1008,
+    "V100": 900,
+    "T4": 320,
+}
+
+
+@dataclass
+class Settings:
+    warmup: int  # un-recorded rounds first: lazy initialisation, allocator growth, kernel selection
+    runs: int  # recorded rounds
+    new_tokens: int  # generated per run; decode speed is measured over the last new_tokens - 1
+    compile: bool = False  # CUDA: static KV cache + torch.compile of the decode step
+
+
+FULL = Settings(warmup=1, runs=5, new_tokens=128)
+QUICK = Settings(warmup=1, runs=3, new_tokens=8)
+
+
+# --- results ------------------------------------------------------------------------------------------------
+@dataclass
+class Stat:
+    """Median and p90 over the recorded runs. For throughputs (higher is better) p90 is the slow tail, i.e. the
+    10th percentile of tokens/s (the 90th percentile of the time per token)."""
+
+    median: float
+    p90: float
+    runs: list[float]
+
+    @classmethod
+    def of(cls, values: list[float], higher_is_better: bool = False) -> Stat:
+        tail = np.percentile(values, 10 if higher_is_better else 90)
+        return cls(median=float(np.median(values)), p90=float(tail), runs=[float(v) for v in values])
+
+
+@dataclass
+class Run:
+    """One measured request, times in milliseconds."""
+
+    preprocess_ms: float
+    vision_ms: float
+    fusion_ms: float
+    prefill_ms: float
+    other_ms: float
+    ttft_ms: float
+    decode_tokens_per_s: float
+    peak_memory_mb: float
+    llm_input_tokens: int
+    new_tokens: int
+    # CPU only: the same from the process CPU time, which time slices taken by other processes do not inflate
+    ttft_cpu_ms: float | None = None
+    decode_cpu_tokens_per_s: float | None = None
+
+
+@dataclass
+class VariantResult:
+    shape: str  # "default" / "quick" / "checkpoint" / "7b"
+    precision: str  # "fp32", "bf16", "8bit", "4bit"
+    variant: str
+    description: str
+    image_tokens: int  # LLM input tokens per image
+    llm_input_tokens: int  # whole prompt, image tokens included
+    new_tokens: int
+    preprocess_ms: Stat
+    vision_ms: Stat
+    fusion_ms: Stat
+    prefill_ms: Stat
+    other_ms: Stat
+    ttft_ms: Stat
+    decode_tokens_per_s: Stat
+    peak_memory_mb: Stat
+    weights_mb: float  # all weights of the group's model (shared by its variants), quantization scales included
+    llm_weight_bytes_per_token: int  # LLM weights read by one decode step (the input embedding reads one row)
+    ttft_cpu_ms: Stat | None = None  # CPU only, see Run
+    decode_cpu_tokens_per_s: Stat | None = None
+    bandwidth_bound_tokens_per_s: float | None = None  # CUDA: peak HBM bandwidth / weight bytes per token
+    bandwidth_fraction: float | None = None  # CUDA: measured decode tokens/s / the bound
+
+
+@dataclass
+class Target:
+    name: str
+    shape: str
+    precision: str
+    value: float  # median of the per-round ratios (robust to background load)
+    threshold: float
+    comparison: str  # "<=" or ">="
+    passed: bool
+    primary: bool = True  # the full-precision group (the issue's targets); quantized groups are reported alongside
+    ratio_of_medians: float | None = None
+    cpu_time_value: float | None = None  # CPU: the same ratio from process CPU time, a cross-check under load
+    cpu_time_passed: bool | None = None
+
+
+@dataclass
+class Machine:
+    device: str
+    cpu_model: str
+    cpu_logical_cores: int | None
+    cpu_physical_cores: int | None
+    torch_threads: int
+    memory_gb: float
+    gpu_name: str | None
+    gpu_memory_gb: float | None
+    gpu_capability: str | None
+    gpu_bandwidth_gbs: float | None
+    gpu_bandwidth_source: str | None
+    platform: str
+    python: str
+    torch: str
+    transformers: str
+    bitsandbytes: str | None
+    cuda: str | None
+    sparsecut_commit: str | None
+    load_average_before: list[float] | None
+    load_average_after: list[float] | None = None
+
+
+@dataclass
+class Report:
+    command: str
+    created: str
+    model: str
+    settings: Settings
+    machine: Machine
+    results: list[VariantResult] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+# --- timing -------------------------------------------------------------------------------------------------
+def make_clock(device: torch.device) -> Callable[[], float]:
+    """perf_counter, after a CUDA synchronise on the GPU so that queued kernels are counted where they run."""
+    if device.type == "cuda":
+
+        def clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return clock
+    return time.perf_counter
+
+
+class FirstToken(LogitsProcessor):
+    """Timestamps the first logits `generate` processes: the prefill forward is done, the first token follows."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.time: float | None = None
+        self.cpu_time: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.time is None:  # later steps are not timed: a sync per decode step would slow CUDA decoding
+            self.time = self.clock()
+            self.cpu_time = time.process_time()
+        return scores
+
+
+class StageTimer:
+    """Forward hooks timing the first call of the vision encoder and of the fusion inside one `generate`."""
+
+    def __init__(self, model: SparseCutForConditionalGeneration, clock: Callable[[], float]):
+        self.modules = {"vision": model.vision_tower, "fusion": model.fusion}
+        self.clock = clock
+        self.times: dict[str, float] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> StageTimer:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._mark(f"{name}_start")))
+            self._handles.append(module.register_forward_hook(self._mark(f"{name}_end")))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _mark(self, key: str):
+        def hook(*_):
+            self.times.setdefault(key, self.clock())
+
+        return hook
+
+
+class PeakMemory:
+    """Peak memory of one run in MiB: CUDA max_memory_allocated, or the process RSS high-water mark (Linux
+    VmHWM, reset through /proc/self/clear_refs); elsewhere the RSS after the run, a lower bound."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS to the current RSS
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        with contextlib.suppress(OSError, AttributeError):
+            status = Path("/proc/self/status").read_text()
+            return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+        return psutil.Process().memory_info().rss / 2**20
+
+
+# --- variants -----------------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    name: str
+    description: str
+    model: SparseCutForConditionalGeneration
+    processor: SparseCutProcessor
+    stats: bool = False
+    base: SparseCutForConditionalGeneration | None = None  # set for wrappers around the base model's modules
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Wrappers share the base model's decoder layers: take its shortcut hooks off while they run, so the
+        baselines run the stock LLM with no hook at all."""
+        if self.base is None:
+            yield
+            return
+        self.base.shortcuts.detach()
+        try:
+            yield
+        finally:
+            self.base.shortcuts.attach(self.base.decoder_layers)
+
+
+def derive(
+    model: SparseCutForConditionalGeneration, processor: SparseCutProcessor, **overrides
+) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
+    """A baseline config of the same class around the SAME encoder, projector and LLM modules (no copy).
+
+    overrides: SparseCutConfig fields (fusion, high_res_grid, append_high_res_tokens). The baseline has no
+    shortcuts; its projector is the base model's (for concat_mlp, the columns that read the low-res token).
+    """
+    base = model.config
+    values = {k: v for k, v in base.to_dict().items() if k != "quantization_config"}
+    values.update(schedule="none", shortcut_vision_layers=None, shortcut_llm_layers=None, **overrides)
+    config = SparseCutConfig.from_dict(values)
+    wrapper = SparseCutForConditionalGeneration(
+        config, vision_tower=model.vision_tower, language_model=model.language_model
+    )
+    wrapper.fusion.projector = baseline_projector(model)
+    wrapper.shortcuts.to(model.device)  # an empty gate; kept on the model's device for tidiness
+    wrapper.generation_config = copy.deepcopy(model.generation_config)  # same EOS / pad ids as the base model
+    wrapper.eval()
+    baseline = SparseCutProcessor(
+        processor.tokenizer,
+        image_size=processor.image_size,
+        high_res_grid=config.high_res_grid,
+        num_image_tokens=config.num_image_tokens,
+        image_mean=processor.image_mean,
+        image_std=processor.image_std,
+        pad_to_square=processor.pad_to_square,
+        image_token=processor.image_token,
+        padding_side=processor.padding_side,
+        chat_template=processor.chat_template,
+    )
+    return wrapper, baseline
+
+
+def baseline_projector(model: SparseCutForConditionalGeneration) -> Projector:
+    """The projector a fusion-free baseline uses: the model's own, or, when concat_mlp widened its input to
+    (1 + grid**2) x d, a copy restricted to the low-res token's columns (the first d)."""
+    projector = model.fusion.projector
+    d = model.config.vision_config.hidden_size
+    if projector.linear_1.in_features == d:
+        return projector
+    weight = projector.linear_1.weight
+    sliced = Projector(d, projector.linear_1.out_features, model.config.projector_hidden_act)
+    sliced.to(weight.device, weight.dtype)
+    with torch.no_grad():
+        sliced.linear_1.weight.copy_(weight[:, :d])
+        sliced.linear_1.bias.copy_(projector.linear_1.bias)
+    sliced.linear_2 = projector.linear_2
+    return sliced
+
+
+def make_variants(model: SparseCutForConditionalGeneration, processor: SparseCutProcessor) -> list[Variant]:
+    config = model.config
+    if config.fusion == "none" or config.append_high_res_tokens:
+        raise ValueError("The benchmark compares a SparseCut model (fusion != 'none') with its baselines.")
+    llava, llava_processor = derive(model, processor, fusion="none", high_res_grid=1, append_high_res_tokens=False)
+    appended, appended_processor = derive(model, processor, fusion="none", append_high_res_tokens=True)
+    pairs = ", ".join(f"v{v}->l{layer}" for v, layer in zip(model.shortcuts.vision_layers, model.shortcuts.llm_layers))
+    return [
+        Variant(
+            "sparsecut",
+            f"SparseCut: {config.num_views} views in one encoder batch, {config.fusion} fusion of "
+            f"{len(config.fused_vision_layers)} layers in one call, {config.num_shortcuts} shortcuts ({pairs})",
+            model,
+            processor,
+        ),
+        Variant(
+            "sparsecut+stats",
+            "SparseCut collecting the demo statistics (record_stats: shortcut ratios, fusion attention maps)",
+            model,
+            processor,
+            stats=True,
+        ),
+        Variant(
+            "llava",
+            "LLaVA-style, same weights: low-res view only, projector only, no shortcut hooks",
+            llava,
+            llava_processor,
+            base=model,
+        ),
+        Variant(
+            "appended",
+            f"high-res tokens appended, same weights: all {config.num_views} views' tokens projected into the LLM "
+            "input, no fusion, no shortcuts",
+            appended,
+            appended_processor,
+            base=model,
+        ),
+    ]
+
+
+# --- models -------------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """One model in one precision; its variants are measured interleaved."""
+
+    shape: str
+    precision: str
+    load: Callable[[], tuple[SparseCutForConditionalGeneration, SparseCutProcessor]]
+
+
+def full_precision(device: torch.device) -> tuple[str, torch.dtype]:
+    return ("bf16", torch.bfloat16) if device.type == "cuda" else ("fp32", torch.float32)
+
+
+def build_default_shape(dtype: torch.dtype, device: torch.device):
+    """The planned default model's shape: random SigLIP-style encoder and fusion, the real SmolLM2-135M."""
+    from transformers import SiglipVisionConfig
+
+    torch.manual_seed(0)
+    model, processor = build(
+        vision=SiglipVisionConfig(**DEFAULT_VISION), llm="smollm2-135m", dtype=dtype, **DEFAULT_SPARSECUT
+    )
+    return model.to(device).eval(), processor
+
+
+def build_quick_shape(dtype: torch.dtype, device: torch.device):
+    """A tiny SmolLM2-free model for CI. Widths are 64, the smallest bitsandbytes' CPU kernels accept."""
+    torch.manual_seed(0)
+    model, processor = build(
+        vision=tiny_vision_config("siglip", hidden_size=64, intermediate_size=128),
+        llm=tiny_text_config("llama", hidden_size=64, intermediate_size=128),
+        tokenizer=byte_tokenizer(),
+        dtype=dtype,
+        fusion="cross_attention",
+        high_res_grid=2,
+        fusion_num_heads=4,
+        shortcut_gate_init=0.5,
+    )
+    return model.to(device).eval(), processor
+
+
+def build_seven_b_shape(dtype: torch.dtype, device: torch.device):
+    """LLaVA-1.5-7B-class shapes with random weights, initialised directly on the device (CUDA only)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):  # 7B parameters would take minutes to initialise on the CPU
+        model, processor = build(
+            vision=CLIPVisionConfig(**SEVEN_B_VISION),
+            llm=LlamaConfig(**SEVEN_B_LLM),
+            tokenizer=byte_tokenizer(),
+            dtype=dtype,
+            **SEVEN_B_SPARSECUT,
+        )
+    return model.to(device).eval(), processor
+
+
+def save_for_quantized_loading(model, processor, directory: str) -> str:
+    """Save a built model so that `load_model(..., quantization=...)` can load it. A GGUF-derived LLM config
+    keeps a GGUF `quantization_config` that would clash with bitsandbytes' config: drop it from the saved file."""
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    config_file = Path(directory) / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("quantization_config", None)
+    config.get("text_config", {}).pop("quantization_config", None)
+    config_file.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def collect() -> None:
+    """Give a dropped model's memory back before the next one loads, so later groups' peaks do not include it:
+    CUDA's cached blocks, and on Linux the free heap that glibc would otherwise keep in the process RSS."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# --- one measurement ----------------------------------------------------------------------------------------
+def request(seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8))
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
+
+
+def generation_config(model: SparseCutForConditionalGeneration, settings: Settings) -> GenerationConfig:
+    """Greedy, exactly `new_tokens` tokens: min_new_tokens masks EOS so every variant decodes the same length.
+
+    With `settings.compile`, a static KV cache lets `generate` run its decode steps through torch.compile
+    ("reduce-overhead": CUDA graphs); the prefill stays eager. `bench` offers it on CUDA only; elsewhere
+    transformers compiles only when forced, which `benchmarks/compile_ab.py` does to check the path on the CPU.
+    """
+    source = model.generation_config
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=settings.new_tokens,
+        min_new_tokens=settings.new_tokens,
+        eos_token_id=source.eos_token_id,
+        pad_token_id=source.pad_token_id if source.pad_token_id is not None else source.eos_token_id,
+        bos_token_id=source.bos_token_id,
+        use_cache=True,
+    )
+    if settings.compile:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead")
+        if model.device.type != "cuda":  # transformers compiles elsewhere only when forced (to test the path)
+            compile_config._compile_all_devices = True
+        config.cache_implementation, config.compile_config = "static", compile_config
+    return config
+
+
+def measure(variant: Variant, messages: list[dict], settings: Settings, device: torch.device) -> Run:
+    """One request end to end: processor -> generate, with the stage boundaries taken from forward hooks."""
+    clock = make_clock(device)
+    model = variant.model
+    first_token = FirstToken(clock)
+    config = generation_config(model, settings)
+    recorder = model.record_stats() if variant.stats else contextlib.nullcontext()
+    with variant.active(), StageTimer(model, clock) as stages, PeakMemory(device) as memory, recorder as recorded:
+        start, cpu_start = clock(), time.process_time()
+        inputs = variant.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        ).to(device)
+        preprocessed = clock()
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([first_token]),
+            )
+        end, cpu_end = clock(), time.process_time()
+        peak = memory.peak_mb()
+    prompt = inputs["input_ids"].shape[1]
+    generated = output.shape[1] - prompt
+    if generated != settings.new_tokens:
+        raise RuntimeError(f"{variant.name}: generated {generated} tokens instead of {settings.new_tokens}.")
+    if variant.stats and (recorded is None or recorded.last is None):
+        raise RuntimeError(f"{variant.name}: no shortcut statistics were recorded.")
+    times = stages.times
+    if len(times) != 4 or first_token.time is None:
+        raise RuntimeError(f"{variant.name}: the vision encoder / fusion / first token were not all timed.")
+    ms = 1000.0
+    preprocess = (preprocessed - start) * ms
+    vision = (times["vision_end"] - times["vision_start"]) * ms
+    fusion = (times["fusion_end"] - times["fusion_start"]) * ms
+    prefill = (first_token.time - times["fusion_end"]) * ms
+    ttft = (first_token.time - start) * ms
+    on_cpu = device.type == "cpu"  # on CUDA the host's CPU time says nothing about the GPU's work
+    return Run(
+        preprocess_ms=preprocess,
+        vision_ms=vision,
+        fusion_ms=fusion,
+        prefill_ms=prefill,
+        other_ms=ttft - preprocess - vision - fusion - prefill,
+        ttft_ms=ttft,
+        decode_tokens_per_s=(generated - 1) / max(end - first_token.time, 1e-9),
+        peak_memory_mb=peak,
+        llm_input_tokens=prompt,
+        new_tokens=generated,
+        ttft_cpu_ms=(first_token.cpu_time - cpu_start) * ms if on_cpu else None,
+        decode_cpu_tokens_per_s=(generated - 1) / max(cpu_end - first_token.cpu_time, 1e-9) if on_cpu else None,
+    )
+
+
+def measure_group(
+    variants: list[Variant], settings: Settings, device: torch.device, progress: tqdm
+) -> dict[str, list[Run]]:
+    """Round-robin over the variants, rotating the order every round; the warm-up rounds are not recorded."""
+    messages = request()
+    runs: dict[str, list[Run]] = {variant.name: [] for variant in variants}
+    for round_index in range(settings.warmup + settings.runs):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            progress.set_postfix_str(f"{variant.name} ({'warm-up' if round_index < settings.warmup else 'run'})")
+            run = measure(variant, messages, settings, device)
+            if round_index >= settings.warmup:
+                runs[variant.name].append(run)
+            progress.update()
+    return runs
+
+
+# --- derived numbers ----------------------------------------------------------------------------------------
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a weight occupies, with bitsandbytes' scales: 4-bit absmax per block (+ nested state), 8-bit SCB."""
+    total = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)
+    scales = [getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None)]
+    scales.append(getattr(tensor, "SCB", None))
+    return total + sum(x.numel() * x.element_size() for x in scales if isinstance(x, torch.Tensor))
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """All parameters and buffers (shared ones once)."""
+    return sum(stored_bytes(t) for t in [*model.parameters(), *model.buffers()])
+
+
+def llm_weight_bytes_per_token(model: SparseCutForConditionalGeneration) -> int:
+    """Bytes of LLM weights one decode step reads: every decoder weight and the LM head; the input embedding
+    only when it is the (tied) head, since a lookup reads one row."""
+    llm = model.language_model
+    embedding = llm.get_input_embeddings().weight
+    head = llm.get_output_embeddings().weight
+    # parameters() lists a tied (shared) weight once
+    return sum(stored_bytes(p) for p in llm.parameters() if p is not embedding or embedding is head)
+
+
+def hbm_bandwidth_gbs(device: torch.device) -> tuple[float | None, str | None]:
+    """Peak memory bandwidth of a CUDA device: 2 (double data rate) x memory clock x bus width, or a datasheet
+    value by name."""
+    if device.type != "cuda":
+        return None, None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "device properties: 2 x memory clock x bus width"
+    for name, bandwidth in HBM_BANDWIDTH_GBS.items():
+        if name in props.name:
+            return float(bandwidth), f"datasheet value for {name}"
+    return None, None
+
+
+def summarise(group: Group, variant: Variant, runs: list[Run], sizes: tuple[int, int], bandwidth_gbs) -> VariantResult:
+    """sizes: (bytes of the group's model, LLM weight bytes per decode step)."""
+    decode = Stat.of([r.decode_tokens_per_s for r in runs], higher_is_better=True)
+    weights, per_token = sizes
+    bound = bandwidth_gbs * 1e9 / per_token if bandwidth_gbs else None
+    return VariantResult(
+        shape=group.shape,
+        precision=group.precision,
+        variant=variant.name,
+        description=variant.description,
+        image_tokens=variant.model.config.num_image_tokens,
+        llm_input_tokens=runs[0].llm_input_tokens,
+        new_tokens=runs[0].new_tokens,
+        preprocess_ms=Stat.of([r.preprocess_ms for r in runs]),
+        vision_ms=Stat.of([r.vision_ms for r in runs]),
+        fusion_ms=Stat.of([r.fusion_ms for r in runs]),
+        prefill_ms=Stat.of([r.prefill_ms for r in runs]),
+        other_ms=Stat.of([r.other_ms for r in runs]),
+        ttft_ms=Stat.of([r.ttft_ms for r in runs]),
+        decode_tokens_per_s=decode,
+        peak_memory_mb=Stat.of([r.peak_memory_mb for r in runs]),
+        weights_mb=weights / 2**20,
+        llm_weight_bytes_per_token=per_token,
+        bandwidth_bound_tokens_per_s=bound,
+        bandwidth_fraction=decode.median / bound if bound else None,
+        ttft_cpu_ms=Stat.of([r.ttft_cpu_ms for r in runs]) if runs[0].ttft_cpu_ms is not None else None,
+        decode_cpu_tokens_per_s=(
+            Stat.of([r.decode_cpu_tokens_per_s for r in runs], higher_is_better=True)
+            if runs[0].decode_cpu_tokens_per_s is not None
+            else None
+        ),
+    )
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median of the per-round ratios: the two runs of a round saw the same background load."""
+    return float(np.median([a / b for a, b in zip(numerator, denominator)]))
+
+
+# (name, numerator variant, denominator variant, wall-clock metric, CPU-time metric, threshold, comparison,
+# offset): value = ratio - offset
+RATIO_TARGETS = [
+    ("TTFT sparsecut / llava", "sparsecut", "llava", "ttft_ms", "ttft_cpu_ms", 1.25, "<=", 0.0),
+    (
+        "decode tok/s sparsecut / llava",
+        "sparsecut",
+        "llava",
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        0.97,
+        ">=",
+        0.0,
+    ),
+    ("TTFT appended / sparsecut", "appended", "sparsecut", "ttft_ms", "ttft_cpu_ms", 2.0, ">=", 0.0),
+    ("TTFT overhead of the demo statistics", "sparsecut+stats", "sparsecut", "ttft_ms", "ttft_cpu_ms", 0.10, "<=", 1.0),
+]
+BANDWIDTH_TARGET = 0.5  # 7B bf16 decode on CUDA: at least half the memory-bandwidth bound
+
+
+def passes(value: float, threshold: float, comparison: str) -> bool:
+    return value <= threshold if comparison == "<=" else value >= threshold
+
+
+def targets_for(results: list[VariantResult], primary_precisions: set[str]) -> list[Target]:
+    """Every ratio target for every (shape, precision) group; the full-precision groups are the primary ones.
+    Pass/fail is decided on wall-clock time; on the CPU the CPU-time ratio is given alongside."""
+    by_group: dict[tuple[str, str], dict[str, VariantResult]] = {}
+    for result in results:
+        by_group.setdefault((result.shape, result.precision), {})[result.variant] = result
+    targets = []
+    for (shape, precision), group in by_group.items():
+        primary = precision in primary_precisions
+        for name, top, bottom, metric, cpu_metric, threshold, comparison, offset in RATIO_TARGETS:
+            if top not in group or bottom not in group:
+                continue
+            a, b = getattr(group[top], metric), getattr(group[bottom], metric)
+            value = paired_ratio(a.runs, b.runs) - offset
+            target = Target(name, shape, precision, value, threshold, comparison, passes(value, threshold, comparison))
+            target.primary, target.ratio_of_medians = primary, a.median / b.median - offset
+            cpu_a, cpu_b = getattr(group[top], cpu_metric), getattr(group[bottom], cpu_metric)
+            if cpu_a is not None and cpu_b is not None:
+                target.cpu_time_value = paired_ratio(cpu_a.runs, cpu_b.runs) - offset
+                target.cpu_time_passed = passes(target.cpu_time_value, threshold, comparison)
+            targets.append(target)
+        fraction = group["sparsecut"].bandwidth_fraction if "sparsecut" in group else None
+        if shape == "7b" and precision == "bf16" and fraction is not None:
+            ok = passes(fraction, BANDWIDTH_TARGET, ">=")
+            targets.append(
+                Target("7B decode / bandwidth bound", shape, precision, fraction, BANDWIDTH_TARGET, ">=", ok)
+            )
+    return targets
+
+
+# --- machine and report -------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def load_average() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def describe_machine(device: torch.device) -> Machine:
+    gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    bandwidth, source = hbm_bandwidth_gbs(device)
+    return Machine(
+        device=str(device),
+        cpu_model=cpu_model(),
+        cpu_logical_cores=psutil.cpu_count(logical=True),
+        cpu_physical_cores=psutil.cpu_count(logical=False),
+        torch_threads=torch.get_num_threads(),
+        memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
+        gpu_name=gpu.name if gpu else None,
+        gpu_memory_gb=round(gpu.total_memory / 2**30, 1) if gpu else None,
+        gpu_capability=f"{gpu.major}.{gpu.minor}" if gpu else None,
+        gpu_bandwidth_gbs=bandwidth,
+        gpu_bandwidth_source=source,
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=version("transformers") or "?",
+        bitsandbytes=version("bitsandbytes"),
+        cuda=torch.version.cuda,
+        sparsecut_commit=git_commit(),
+        load_average_before=load_average(),
+    )
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def command_line(
+    model: str | None, quick: bool, device: str, quantization: str | None, compile: bool, threads: int | None
+) -> str:
+    parts = ["python -m sparsecut.cli bench", f"--device {device}"]
+    if model:
+        parts.append(f"--model {model}")
+    if quick:
+        parts.append("--quick")
+    if quantization:
+        parts.append(f"--quantization {quantization}")
+    if compile:
+        parts.append("--compile")
+    if threads:
+        parts.append(f"--threads {threads}")
+    return " ".join(parts)
+
+
+def fmt(stat: Stat, digits: int = 1) -> str:
+    return f"{stat.median:.{digits}f} / {stat.p90:.{digits}f}"
+
+
+def markdown(report: Report) -> str:
+    m = report.machine
+    gpu = f"{m.gpu_name} ({m.gpu_memory_gb} GiB, sm {m.gpu_capability})" if m.gpu_name else "none"
+    lines = [
+        f"# sparsecut bench: {m.device}",
+        "",
+        f"- command: `{report.command}`",
+        f"- model: {report.model}",
+        f"- machine: {m.cpu_model}, {m.cpu_logical_cores} logical cores, torch threads {m.torch_threads}, "
+        f"{m.memory_gb} GiB RAM; GPU: {gpu}",
+        f"- versions: torch {m.torch}, transformers {m.transformers}, bitsandbytes {m.bitsandbytes}, "
+        f"python {m.python}, CUDA {m.cuda}; sparsecut {m.sparsecut_commit}",
+        f"- load average before / after: {m.load_average_before} / {m.load_average_after}",
+        f"- {report.settings.runs} runs after {report.settings.warmup} warm-up round(s), batch 1, greedy, "
+        f"{report.settings.new_tokens} new tokens; `median / p90` (for tok/s the p90 column is the slow tail); "
+        f"{report.created}, {report.duration_s:.0f} s",
+    ]
+    cpu_time = any(r.ttft_cpu_ms is not None for r in report.results)
+    header = (
+        "| shape | precision | variant | LLM input tokens (image) | preprocess ms | vision ms | fusion ms | prefill ms "
+        "| TTFT ms | decode tok/s | weights MiB | peak MiB |"
+    )
+    if cpu_time:
+        header += " TTFT CPU-time ms | decode tok/s by CPU time |"
+    lines += ["", header, "|---" * header.count(" | ") + "|---|"]
+    for r in report.results:
+        decode = fmt(r.decode_tokens_per_s)
+        if r.bandwidth_fraction is not None:
+            decode += f" ({100 * r.bandwidth_fraction:.0f}% of bound)"
+        row = (
+            f"| {r.shape} | {r.precision} | {r.variant} | {r.llm_input_tokens} ({r.image_tokens}) "
+            f"| {fmt(r.preprocess_ms)} | {fmt(r.vision_ms)} | {fmt(r.fusion_ms)} | {fmt(r.prefill_ms)} "
+            f"| {fmt(r.ttft_ms)} | {decode} | {r.weights_mb:.0f} | {r.peak_memory_mb.median:.0f} |"
+        )
+        if cpu_time:
+            row += f" {fmt(r.ttft_cpu_ms)} | {fmt(r.decode_cpu_tokens_per_s)} |"
+        lines.append(row)
+    lines += [
+        "",
+        "| target | shape | precision | threshold | wall clock (median of per-round ratios) | ratio of medians "
+        "| result | CPU time (median of per-round ratios) | result by CPU time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in report.targets:
+        name = t.name if t.primary else f"{t.name} (reported only)"
+        medians = "" if t.ratio_of_medians is None else f"{t.ratio_of_medians:.3f}"
+        cpu_value = "" if t.cpu_time_value is None else f"{t.cpu_time_value:.3f}"
+        cpu_result = "" if t.cpu_time_passed is None else ("pass" if t.cpu_time_passed else "FAIL")
+        lines.append(
+            f"| {name} | {t.shape} | {t.precision} | {t.comparison} {t.threshold} | {t.value:.3f} | {medians} "
+            f"| {'pass' if t.passed else 'FAIL'} | {cpu_value} | {cpu_result} |"
+        )
+    lines += ["", *[f"- {note}" for note in report.notes], ""]
+    return "\n".join(lines)
+
+
+# --- entry point --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence per-call library chatter that would flood the progress bar (bitsandbytes' int8 cast notice)."""
+    bnb_logger = logging.getLogger("bitsandbytes")
+    level = bnb_logger.level
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+            yield
+    finally:
+        bnb_logger.setLevel(level)
+
+
+def plan_groups(
+    model: str | None, quick: bool, device: torch.device, quantization: str | None, workdir: str
+) -> tuple[str, list[Group], list[str]]:
+    """(model label, groups to measure in order, notes). Loaders are lazy: one group's weights at a time."""
+    notes = []
+    full_name, dtype = full_precision(device)
+    if quantization in (None, "none"):
+        precisions = [full_name] if quantization == "none" else [full_name, *QUANTIZED]
+    else:
+        precisions = [quantization]
+    if version("bitsandbytes") is None and any(p in QUANTIZED for p in precisions):
+        notes.append("bitsandbytes is not installed: 8-bit / 4-bit variants skipped.")
+        precisions = [p for p in precisions if p not in QUANTIZED]
+
+    path = model or (str(DEFAULT_WEIGHTS) if is_checkpoint(DEFAULT_WEIGHTS) else None)
+    if path is not None:
+        label, shape = f"checkpoint {path}", "checkpoint"
+
+        def loader(precision: str):
+            quant = precision if precision in QUANTIZED else None
+            return lambda: load_model(path, quantization=quant, device=str(device), dtype=None if quant else dtype)
+
+        groups = [Group(shape, p, loader(p)) for p in precisions]
+        return label, groups, notes
+
+    if quick:
+        label = "quick: tiny random model (SigLIP 2 x 64 + Llama 4 x 64), no SmolLM2"
+        shape, builder = "quick", build_quick_shape
+    else:
+        label = (
+            "default shape (weights/ not trained yet): random SigLIP-style encoder (6 x 256, 64 px / 8 px patches) "
+            "and cross-attention fusion + the real SmolLM2-135M-Instruct, grid 2, schedule uniform:4"
+        )
+        shape, builder = "default", build_default_shape
+    saved: dict[str, str] = {}
+
+    def build_full():
+        built = builder(dtype, device)
+        if any(p in QUANTIZED for p in precisions):  # saved once, reloaded quantized by the later groups
+            saved["dir"] = save_for_quantized_loading(*built, os.path.join(workdir, shape))
+        return built
+
+    def load_quantized(precision: str):
+        def load():
+            if "dir" not in saved:  # --quantization 8bit/4bit only: build and save first
+                build_full()
+                collect()
+            return load_model(saved["dir"], quantization=precision, device=str(device))
+
+        return load
+
+    groups = [Group(shape, p, build_full if p == full_name else load_quantized(p)) for p in precisions]
+    if device.type == "cuda" and not quick:
+        seven_b = os.path.join(workdir, "7b")
+
+        def build_seven_b():
+            built = build_seven_b_shape(torch.bfloat16, device)
+            if "4bit" in precisions:
+                save_for_quantized_loading(*built, seven_b)
+            return built
+
+        if "bf16" in precisions:
+            groups.append(Group("7b", "bf16", build_seven_b))
+        if "4bit" in precisions:
+
+            def load_seven_b_nf4():
+                if not os.path.isdir(seven_b):
+                    build_seven_b()
+                    collect()
+                return load_model(seven_b, quantization="4bit", device=str(device))
+
+            groups.append(Group("7b", "4bit", load_seven_b_nf4))
+    return label, groups, notes
+
+
+def bench(
+    model: str | None = None,
+    quick: bool = False,
+    device: str = "cpu",
+    quantization: str | None = None,
+    out_dir: str = "benchmarks/results",
+    compile: bool = False,
+    threads: int | None = None,
+) -> dict:
+    """Run the benchmark, write `<out_dir>/<device>-<cpu or gpu model>[-...].json` and `.md`, return the report.
+
+    model: a saved SparseCut checkpoint; default `weights/`, or, while it does not exist, the default shape with
+    random encoder/fusion weights (the quick mode uses a tiny SmolLM2-free model instead). quick: 1 warm-up +
+    3 runs of 8 new tokens, for CI. device: "cpu" or "cuda". quantization: None measures the full precision
+    and, where bitsandbytes is available, 8-bit and 4-bit; "none", "8bit" or "4bit" measure only that one.
+    compile: CUDA only, static KV cache + torch.compile for the decode steps. threads: torch CPU threads for
+    the run (default: torch's choice); on a machine shared with other jobs `threads=1` avoids OpenMP threads
+    waiting for each other at every barrier while one of them is descheduled, which otherwise inflates and
+    scatters the times several-fold. The quick mode uses 1 thread unless told otherwise.
+    """
+    if quantization not in (None, "none", *QUANTIZED):
+        raise ValueError(f"quantization must be one of none, 8bit, 4bit; got {quantization!r}.")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available on this machine.")
+    target = torch.device(device)
+    settings = QUICK if quick else FULL
+    settings = Settings(settings.warmup, settings.runs, settings.new_tokens, compile=compile)
+    if compile and device != "cuda":
+        raise ValueError("--compile (static cache + torch.compile) is a CUDA path; run it with --device cuda.")
+    command = command_line(model, quick, device, quantization, compile, threads)  # as given, before defaults
+    default_threads = torch.get_num_threads()
+    if quick and threads is None:
+        threads = 1  # the tiny model's ops gain nothing from threads, and on a busy machine they wait on each other
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report = Report(
+            command=command,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model="",
+            settings=settings,
+            machine=describe_machine(target),
+        )
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="sparsecut-bench-") as workdir, quiet():
+            report.model, groups, report.notes = plan_groups(model, quick, target, quantization, workdir)
+            run_groups(report, groups, target)
+        report.duration_s = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(default_threads)
+    report.targets = targets_for(report.results, {full_precision(target)[0]})
+    report.machine.load_average_after = load_average()
+    report.notes += standard_notes(target, quick, compile) + load_notes(report.machine)
+    data = write(report, out_dir, quick, quantization, compile)
+    print(markdown(report))
+    print(f"written: {data['files']['json']}, {data['files']['markdown']}")
+    return data
+
+
+def run_groups(report: Report, groups: list[Group], device: torch.device) -> None:
+    """Measure the groups one after the other, each loaded only for its own measurements."""
+    settings = report.settings
+    bandwidth = report.machine.gpu_bandwidth_gbs
+    total = len(groups) * len(VARIANTS) * (settings.warmup + settings.runs)
+    with tqdm(total=total, desc="sparsecut bench", unit="run", file=sys.stderr) as progress:
+        for group in groups:
+            progress.set_description(f"{group.shape} {group.precision}")
+            base, processor = group.load()
+            variants = make_variants(base, processor)
+            sizes = model_weight_bytes(base), llm_weight_bytes_per_token(base)
+            runs = measure_group(variants, settings, device, progress)
+            report.results += [summarise(group, v, runs[v.name], sizes, bandwidth) for v in variants]
+            del base, processor, variants
+            collect()
+
+
+def standard_notes(device: torch.device, quick: bool, compile: bool) -> list[str]:
+    notes = [
+        "Targets are ratios within this run: variants of a group run round-robin (rotated order each round) and "
+        "each ratio is the median of the per-round ratios; absolute times depend on the machine's load.",
+        "TTFT = preprocess + vision + fusion + prefill + other (generate set-up); prefill runs from the end of the "
+        "fusion to the first token's logits (embedding merge, LLM forward with shortcut hooks, LM head).",
+        "All variants of a group share one set of weights: llava and appended are config variants of the same "
+        "class wrapped around the base model's encoder, projector and LLM modules (no copy); the base model's "
+        "shortcut hooks are detached while they run.",
+    ]
+    if device.type == "cpu":
+        notes.append(
+            "CPU run: peak memory is the process RSS high-water mark, so it includes the interpreter, the libraries "
+            "and every loaded weight (shared by the variants of a group), and it cannot fall below what earlier "
+            "groups left in the heap; `weights MiB` is the group's model alone. The CUDA paths (bf16, synchronised "
+            "timing, max_memory_allocated, the 7B-class shape and its bandwidth-bound fraction, --compile) were not "
+            "measured on this machine."
+        )
+    else:
+        notes.append(
+            "CUDA: times are taken after torch.cuda.synchronize(); peak memory is max_memory_allocated. Decode may "
+            "run one step ahead of the host (transformers' deferred stop check), which costs at most one extra step "
+            "per run."
+        )
+    if compile:
+        notes.append("--compile: static KV cache + torch.compile (reduce-overhead) of the decode step; eager prefill.")
+    if quick:
+        notes.append("--quick: a tiny random model with few tokens, a smoke test of the benchmark, not a measurement.")
+    return notes
+
+
+def load_notes(machine: Machine) -> list[str]:
+    """Say so when other processes were running: the load average before the run counts only them."""
+    before, cores = machine.load_average_before, machine.cpu_logical_cores
+    if not before or not cores or before[0] < 0.5 * cores:
+        return []
+    return [
+        f"The machine was shared: load average {before} before the run and {machine.load_average_after} after it "
+        f"on {cores} logical cores, so other processes competed for the CPU; absolute times are inflated and noisy, "
+        "the interleaved ratios much less so."
+    ]
+
+
+def write(report: Report, out_dir: str, quick: bool, quantization: str | None, compile: bool) -> dict:
+    m = report.machine
+    name = f"{m.device.split(':')[0]}-{slug(m.gpu_name or m.cpu_model)}"
+    name += f"-{quantization}" if quantization else ""
+    name += "-compile" if compile else ""
+    name += "-quick" if quick else ""
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = asdict(report)
+    json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path.write_text(markdown(report))
+    data["files"] = {"json": str(json_path), "markdown": str(md_path)}
+    return data
