@@ -71,6 +71,7 @@ from .build import DEFAULT_WEIGHTS, build, is_checkpoint, load_model
 from .configuration import SparseCutConfig
 from .fusion import Projector
 from .modeling import SparseCutForConditionalGeneration
+from .pretrain_vision import DEFAULT_ENCODER
 from .processing import SparseCutProcessor
 from .testing import byte_tokenizer, tiny_text_config, tiny_vision_config
 
@@ -82,10 +83,9 @@ IMAGE_SIZE = (640, 480)  # a photo-sized input, so preprocessing does a real res
 
 # The planned default model (weights/ is trained by `sparsecut train`); benchmarked with random encoder and
 # fusion weights and the real SmolLM2-135M-Instruct while weights/ does not exist yet.
-DEFAULT_VISION = dict(
-    hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, image_size=64, patch_size=8
-)
-DEFAULT_SPARSECUT = dict(fusion="cross_attention", high_res_grid=2, schedule="uniform:4")
+# The stage-0 encoder of the default recipe (configs/default.yaml), so the default shape is the shipped one's.
+DEFAULT_VISION = DEFAULT_ENCODER
+DEFAULT_SPARSECUT = dict(fusion="cross_attention", high_res_grid=2, schedule="uniform:4", fusion_num_heads=4)
 # CLIP ViT-L/14-336 + Llama-2-7B shapes (LLaVA-1.5-7B), random weights built from configs: nothing downloaded.
 SEVEN_B_VISION = dict(
     hidden_size=1024,
