@@ -64,8 +64,7 @@ def encode_sample(sample: Sample, processor: SparseCutProcessor, max_length: int
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         cursor = end
     if max_length is not None and len(input_ids) > max_length:
-        n_image = input_ids.count(processor.image_token_id)
-        if n_image and processor.image_token_id in input_ids[max_length:]:
+        if processor.image_token_id in input_ids[max_length:]:
             raise ValueError(
                 f"Sample {sample.id!r}: {len(input_ids)} tokens; cutting to {max_length} would cut its image."
             )

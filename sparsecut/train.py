@@ -253,6 +253,9 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
         accelerator.load_state(str(state_dir))
         step = json.loads((state_dir / "step.json").read_text())["step"]
         accelerator.print(f"[{stage.name}] resuming at step {step}/{total_steps}")
+        if accelerator.is_main_process and log_path.exists():  # drop what was logged after the saved step
+            kept = [record for record in read_log(log_path) if record["step"] <= step]
+            log_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
     elif log_path.exists() and accelerator.is_main_process:
         log_path.unlink()
 
@@ -262,7 +265,7 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
     )
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not accelerator.is_main_process)
-    started, seen, epoch = time.perf_counter(), 0, step // max(steps_per_epoch, 1)
+    started, seen = time.perf_counter(), 0
     while step < total_steps:
         # A resumed stage skips the batches of its current epoch that it already used.
         skip = (step % steps_per_epoch) * stage.gradient_accumulation if resume else 0
@@ -297,7 +300,6 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
                     (state_dir / "step.json").write_text(json.dumps({"step": step}))
             if step >= total_steps:
                 break
-        epoch += 1
         resume = False
     progress.close()
     accelerator.wait_for_everyone()

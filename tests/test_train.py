@@ -145,3 +145,61 @@ def test_lora_stage_ships_without_the_base_llm(tmp_path, shapes, monkeypatch):
         quantized, _ = load_model(final, device="cpu", quantization="8bit")
         assert quantized.config.lora is None
         assert (quantized(**inputs).logits - reference).abs().mean() < 0.25 * reference.std()
+
+
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, shapes, monkeypatch):
+    train_json, _ = shapes
+    path = write_config(
+        tmp_path,
+        shapes,
+        [
+            {
+                "name": "align",
+                "data": str(train_json),
+                "train": ["fusion", "gates"],
+                "max_steps": 5,
+                "save_every": 2,
+                "batch_size": 4,
+            }
+        ],
+    )
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crash_on_fourth_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_fourth_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(str(path))
+    stage_dir = tmp_path / "run" / "align"
+    assert json.loads((stage_dir / "state" / "step.json").read_text())["step"] == 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    calls["n"] = 0
+    train(str(path))
+    steps = [json.loads(line)["step"] for line in (stage_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # steps 1-2 from the first run, 3-5 after resuming, none twice
+    assert not (stage_dir / "state").exists() and (stage_dir / "config.json").is_file()
+
+
+def test_encoding_labels_answers_only_and_truncates_without_cutting_images():
+    from sparsecut.data import IGNORE_INDEX, encode_sample
+    from sparsecut.llava_format import Sample
+    from sparsecut.testing import tiny_model
+
+    _, processor = tiny_model()
+    sample = Sample(
+        id="s",
+        image="x.png",
+        turns=[("user", "<image>\nColour?"), ("assistant", "red"), ("user", "Shape?"), ("assistant", "a star")],
+    )
+    encoded = encode_sample(sample, processor)
+    supervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(supervised) == "red<|im_end|>\na star<|im_end|>\n"
+    assert encoded.input_ids.count(processor.image_token_id) == processor.num_image_tokens
+    cut = encode_sample(sample, processor, max_length=len(encoded.input_ids) - 3)
+    assert cut.input_ids == encoded.input_ids[:-3] and cut.labels == encoded.labels[:-3]
+    with pytest.raises(ValueError, match="would cut its image"):
+        encode_sample(sample, processor, max_length=5)
