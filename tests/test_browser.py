@@ -66,11 +66,13 @@ def test_upload_ask_and_see_the_answer_and_plots():
             # Clicking the patch map chooses the low-res patch under the pointer (bottom right here).
             page.get_by_role("tab", name="Multi-grained attention").click()
             patch_map = page.locator("#query-map img")
+            patch_map.wait_for(state="visible")
             box = patch_map.bounding_box()
             patch_map.click(position={"x": box["width"] * 0.95, "y": box["height"] * 0.95})
             last = str(engine.config.patches_per_side - 1)
             for slider in ("#patch-row", "#patch-col"):
-                sync_api.expect(page.locator(f"{slider} input[type='number']")).to_have_value(last)
+                # 30 s, like the other waits: the click's round trip to the server is slow on a loaded 2-core CI.
+                sync_api.expect(page.locator(f"{slider} input[type='number']")).to_have_value(last, timeout=30_000)
 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
