@@ -5,8 +5,9 @@ python app.py --model tiny         # a tiny random model (development, tests; an
 python app.py --model PATH --quantization 8bit --device cuda --port 7861 --share
 
 Without a default model in weights/ the app says so and exits with status 1 (it does not fall back to the
-tiny model silently: its answers would look like a broken trained model). On Hugging Face Spaces it runs the
-same way (Spaces sets the host and port through GRADIO_SERVER_NAME / GRADIO_SERVER_PORT).
+tiny model silently: its answers would look like a broken trained model). A --quantization that bitsandbytes
+cannot give here (not installed, or no kernels for the device) falls back to none, with a note. On Hugging
+Face Spaces it runs the same way (Spaces sets the host and port through GRADIO_SERVER_NAME / GRADIO_SERVER_PORT).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         raise SystemExit(1) from None
     print(f"Loaded in {time.perf_counter() - started:.1f} s: {engine.describe()}", flush=True)
+    for notice in engine.notices:  # also logged; printed so it shows without logging set up
+        print(f"app.py: note: {notice}", file=sys.stderr, flush=True)
     launch(build_demo(engine, load_examples()), host=args.host, port=args.port, share=args.share)
 
 

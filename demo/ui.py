@@ -51,11 +51,11 @@ def _settings(max_new_tokens: float, temperature: float, top_p: float) -> Genera
     return GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
 
 
-def _textbox(busy: bool) -> gr.MultimodalTextbox:
+def _textbox(busy: bool, **update) -> gr.MultimodalTextbox:
     """While an answer streams, the textbox's submit button becomes a stop button."""
     if busy:
         return gr.MultimodalTextbox(value=None, interactive=False, submit_btn=False, stop_btn=True)
-    return gr.MultimodalTextbox(interactive=True, submit_btn=True, stop_btn=False)
+    return gr.MultimodalTextbox(interactive=True, submit_btn=True, stop_btn=False, **update)
 
 
 def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Blocks:
@@ -69,6 +69,8 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Block
         pending = gr.State(None)  # the submitted message, saved while the textbox is cleared
         gr.Markdown(HEADER)
         gr.Markdown(f"**Model**: {engine.describe()}")
+        for notice in engine.notices:
+            gr.Markdown(f"⚠️ {notice}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 chatbot = gr.Chatbot(
@@ -190,6 +192,11 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Block
             preview = [*state.transcript(), {"role": "user", "content": shown}]
             return message, _textbox(busy=True), preview
 
+        def give_back(message: dict | None, state: ChatSession) -> tuple:
+            """The request never ran (Gradio refused it: the queue was full): the question goes back in the
+            textbox and the chat drops its preview; the page shows Gradio's "busy" message."""
+            return state.transcript(), _textbox(busy=False, **({"value": message} if message else {}))
+
         @gpu
         def respond(message: dict, state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c):
             text, path = _message_parts(message)
@@ -249,10 +256,13 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Block
             respond, [pending, session, *settings, *selection], [chatbot, session, *panels], **model_event
         )
         answered.then(lambda: _textbox(busy=False), None, textbox, **instant)
+        # .then does not run after a failed event (a full queue): give the question back instead.
+        answered.failure(give_back, [pending, session], [chatbot, textbox], **instant)
         retried = chatbot.retry(lambda: _textbox(busy=True), None, textbox, **instant).then(
             retry, [session, *settings, *selection], [chatbot, session, *panels], **model_event
         )
         retried.then(lambda: _textbox(busy=False), None, textbox, **instant)
+        retried.failure(lambda state: give_back(None, state), [session], [chatbot, textbox], **instant)
         textbox.stop(None, None, None, cancels=[answered, retried], **private).then(
             lambda state: (state.transcript(), _textbox(busy=False)), [session], [chatbot, textbox], **instant
         )
@@ -288,16 +298,27 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Block
     return demo
 
 
-def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
-    """Queue and serve the demo with its limits: one generation at a time (MODEL_EVENTS), MAX_QUEUE waiting,
-    uploads up to MAX_UPLOAD. host/port None: Gradio's defaults (127.0.0.1:7860, or the GRADIO_SERVER_NAME /
-    GRADIO_SERVER_PORT a host such as Spaces sets). Returns what `gr.Blocks.launch` returns."""
-    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=2)
+def launch(
+    demo: gr.Blocks,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    max_queue: int = MAX_QUEUE,
+    max_upload: str | int = MAX_UPLOAD,
+    **kwargs,
+):
+    """Queue and serve the demo with its limits: one generation at a time (MODEL_EVENTS), `max_queue` requests
+    waiting (one more is refused at once with HTTP 503, which the page shows as "This application is currently
+    busy"), uploads up to `max_upload` ("10mb", or bytes; larger ones get HTTP 413). Only Gradio's own files,
+    uploads and the example scenes are served. host/port None: Gradio's defaults (127.0.0.1:7860, or the
+    GRADIO_SERVER_NAME / GRADIO_SERVER_PORT a host such as Spaces sets). Returns what `gr.Blocks.launch`
+    returns."""
+    demo.queue(max_size=max_queue, default_concurrency_limit=2)
     return demo.launch(
         server_name=host,
         server_port=port,
         share=share,
-        max_file_size=MAX_UPLOAD,
+        max_file_size=max_upload,
         allowed_paths=[str(EXAMPLES_DIR)],
         show_error=False,  # exceptions stay in the terminal's log; the page shows the chat's messages
         footer_links=["api", "gradio"],

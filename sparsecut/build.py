@@ -202,6 +202,29 @@ def quantization_config(quantization: str | None, device: torch.device):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
 
 
+def quantization_unavailable(quantization: str | None, device: torch.device) -> str | None:
+    """Why bitsandbytes cannot give `quantization` ("8bit" / "4bit") on `device`, or None when it can (or no
+    quantization is asked for). bitsandbytes runs on CUDA and, in recent versions, on the CPU; an installation
+    may still lack the package, fail to load its native library, or have no kernels for the device, so this
+    quantizes a small tensor there the way loading would."""
+    if quantization in (None, "none"):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "the bitsandbytes package is not installed (pip install bitsandbytes)"
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        probe = torch.randn(64, 64, device=device)
+        if quantization == "4bit":
+            packed, state = bnb_functional.quantize_4bit(probe, quant_type="nf4")
+            bnb_functional.dequantize_4bit(packed, state)
+        else:
+            bnb_functional.int8_vectorwise_quant(probe)
+    except Exception as error:  # whatever the backend raises, the answer is "not here"
+        return f"bitsandbytes cannot quantize to {quantization} on {device.type} here ({type(error).__name__}: {error})"
+    return None
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():

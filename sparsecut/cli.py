@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     score.add_argument("--limit", type=int, default=None)
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--device", default="auto")
+    score.add_argument("--max-new-tokens", type=int, default=128, help="enough for an 8-object description")
+    score.add_argument("--families", nargs="+", default=None, help="only these question families")
+
+    compare = commands.add_parser("experiment", help="train and score model variants with one recipe")
+    compare.add_argument("config", help="experiment yaml (sparsecut/experiment.py)")
 
     shapes = commands.add_parser("shapesworld", help="generate one split of the ShapesWorld VQA data")
     shapes.add_argument("out_dir")
@@ -126,8 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "eval":
             from .evaluate import evaluate
 
-            scores = evaluate(args.model, args.data, args.out_dir, args.limit, args.batch_size, args.device)
+            scores = evaluate(
+                args.model, args.data, args.out_dir, args.limit, args.batch_size, args.device,
+                max_new_tokens=args.max_new_tokens, families=args.families,
+            )
             print(json.dumps(scores, indent=2))
+        elif args.command == "experiment":
+            from .experiment import experiment
+
+            results = experiment(args.config)
+            print(results.read_text())
+            print(results)
         elif args.command == "shapesworld":
             from .shapesworld import generate as generate_shapes
 

@@ -3,8 +3,10 @@
 The library side of the interactive demo (`app.py`, `demo/`). The UI only lays components out and calls:
 
 - `ChatEngine`: one loaded model shared by every user. It builds prompts (keeping image tokens whole and
-  truncating text to fit the LLM's context), streams answers with `generate` while recording the prefill's
-  `ShortcutStats`, measures costs, and scores an answer under changed shortcut scales (teacher forcing).
+  dropping old turns, shortening the answer, then cutting text to fit the LLM's context), streams answers with
+  `generate` while recording the prefill's `ShortcutStats`, measures costs, and scores an answer under changed
+  shortcut scales (teacher forcing). Asked for a quantization that bitsandbytes cannot give on the device, it
+  loads the model unquantized and says so (`ChatEngine.notices`).
 - `ChatSession`: one user's conversation. A new image starts a new image context: only turns since the
   latest image are re-sent to the model. Errors become chat messages and never cost the conversation.
 - `render_visuals`: the panels beside an answer, drawn with OpenCV/PIL into fixed-size RGB arrays:
@@ -17,6 +19,7 @@ Everything the panels show comes from the forward pass that produced the answer 
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -47,6 +50,7 @@ ATTENTION_COLORMAP = cv2.COLORMAP_INFERNO
 OVERLAY_ALPHA = 0.55  # weight of the colour map over the image
 
 TINY = "tiny"  # model name of `sparsecut.testing.tiny_model()`, for development and tests
+MIN_ANSWER_TOKENS = 32  # the answer is shortened down to this many tokens before the question is cut
 
 
 class PromptTooLongError(ValueError):
@@ -86,6 +90,7 @@ class Prompt:
     inputs: dict[str, torch.Tensor]  # input_ids (1, T), attention_mask, pixel_values (1, views, 3, S, S) or none
     image: Image.Image | None  # the one image in the prompt, if any
     notices: list[str] = field(default_factory=list)
+    max_new_tokens: int | None = None  # most new tokens that fit in the context after it (None: no limit)
 
     @property
     def length(self) -> int:
@@ -230,10 +235,12 @@ class ChatEngine:
         processor: SparseCutProcessor,
         quantization: str = "none",
         max_new_tokens: int = 128,
+        notices: Sequence[str] = (),
     ):
         self.model = model
         self.processor = processor
         self.quantization = quantization
+        self.notices = list(notices)  # what the operator should know about how the model was loaded
         self.config = model.config
         self.context_length: int | None = getattr(self.config.text_config, "max_position_embeddings", None)
         if self.context_length is not None:
@@ -253,22 +260,33 @@ class ChatEngine:
         max_new_tokens: int = 128,
     ) -> ChatEngine:
         """Load `model` (a checkpoint path or hub id, None for the default model in weights/, or "tiny" for a
-        tiny random model) on `device`; `quantization` None picks `default_quantization` for the device."""
-        from .build import load_model, resolve_device
+        tiny random model) on `device`; `quantization` None picks `default_quantization` for the device.
+
+        A quantization that bitsandbytes cannot give here (the package is missing, or it cannot quantize on
+        this device) falls back to no quantization with a logged warning and a line in `notices`, instead of
+        failing: the demo still runs, at full precision."""
+        from .build import load_model, quantization_unavailable, resolve_device
 
         target = resolve_device(device)
+        notices = []
         if model == TINY:
             from .testing import tiny_model
 
             if quantization not in (None, "none"):
-                logger.warning("The tiny model is built in memory and runs unquantized (asked: %s).", quantization)
+                notices.append(f"The tiny model is built in memory and runs unquantized (asked: {quantization}).")
             loaded, processor = tiny_model()
             loaded.to(target)
             quantization = "none"
         else:
             quantization = quantization or default_quantization(str(target))
+            problem = quantization_unavailable(quantization, target)
+            if problem is not None:
+                notices.append(f"{quantization} quantization was asked for, but {problem}: loading it unquantized.")
+                quantization = "none"
             loaded, processor = load_model(model, quantization=quantization, device=str(target))
-        return cls(loaded, processor, quantization=quantization, max_new_tokens=max_new_tokens)
+        for notice in notices:
+            logger.warning(notice)
+        return cls(loaded, processor, quantization=quantization, max_new_tokens=max_new_tokens, notices=notices)
 
     # --- facts for the UI ----------------------------------------------------------------------------------
     @property
@@ -295,10 +313,6 @@ class ChatEngine:
         )
 
     # --- prompts -------------------------------------------------------------------------------------------
-    def prompt_budget(self, max_new_tokens: int) -> int | None:
-        """Most prompt tokens that leave room for `max_new_tokens` in the LLM's context (None: no limit)."""
-        return None if self.context_length is None else self.context_length - max_new_tokens
-
     def count_tokens(self, messages: list[dict]) -> int:
         """Prompt length of chat messages, without preprocessing their images."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -307,18 +321,21 @@ class ChatEngine:
         return len(ids) + n_images * (self.processor.num_image_tokens - 1)  # each placeholder is one token
 
     def build_prompt(self, exchanges: Sequence[Exchange], max_new_tokens: int) -> Prompt:
-        """Chat messages and model inputs for `exchanges` (earlier turns, then the new question).
+        """Chat messages and model inputs for `exchanges` (earlier turns, then the new question), and how many
+        new tokens fit after them (`Prompt.max_new_tokens`).
 
-        When the prompt would not leave room for `max_new_tokens`, the oldest turns are left out first (an
-        image they carried moves to the next remaining question, so image tokens are never lost), then the
-        new question's text is cut. Raises PromptTooLongError if even that does not fit.
+        When the prompt would not leave room for `max_new_tokens` in the LLM's context: the oldest turns are
+        left out first (an image they carried moves to the next remaining question, so image tokens are never
+        lost); then the answer is shortened, down to MIN_ANSWER_TOKENS (or `max_new_tokens` if fewer); only
+        then is the new question's text cut. Each step adds a notice for the chat. Raises PromptTooLongError
+        if the image and the chat template alone leave no room for that shortest answer.
         """
         exchanges = list(exchanges)
-        budget = self.prompt_budget(max_new_tokens)
+        context = self.context_length
         notices: list[str] = []
         length = self.count_tokens(to_messages(exchanges))
         dropped = 0
-        while budget is not None and length > budget and len(exchanges) > 1:
+        while context is not None and length > context - max_new_tokens and len(exchanges) > 1:
             first = exchanges.pop(0)
             if first.image is not None and exchanges[0].image is None:
                 exchanges[0] = replace(exchanges[0], image=first.image)
@@ -326,21 +343,30 @@ class ChatEngine:
             length = self.count_tokens(to_messages(exchanges))
         if dropped:
             notices.append(
-                f"The conversation was too long for the model's context of {self.context_length} tokens, so "
+                f"The conversation was too long for the model's context of {context} tokens, so "
                 f"the {dropped} oldest turn(s) were left out."
             )
-        if budget is not None and length > budget:
-            exchanges[-1], length = self._cut_question(exchanges[-1], length, budget)
+        shortest_answer = min(max_new_tokens, MIN_ANSWER_TOKENS)
+        if context is not None and length > context - shortest_answer:
+            exchanges[-1], length = self._cut_question(exchanges[-1], length, context - shortest_answer)
             notices.append(
-                f"Your question was cut short to fit the model's context of {self.context_length} tokens "
-                f"({max_new_tokens} of them kept for the answer); image tokens are never cut."
+                f"Your question was cut short to fit the model's context of {context} tokens "
+                f"({shortest_answer} of them kept for the answer); image tokens are never cut."
             )
+        if context is not None and length > context - max_new_tokens:
+            notices.append(
+                f"The answer is limited to {context - length} new tokens (not {max_new_tokens}): the "
+                f"conversation fills the rest of the model's context of {context} tokens."
+            )
+            max_new_tokens = context - length
         messages = to_messages(exchanges)
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         image = next((e.image for e in exchanges if e.image is not None), None)
-        return Prompt(messages=messages, inputs=dict(inputs), image=image, notices=notices)
+        return Prompt(
+            messages=messages, inputs=dict(inputs), image=image, notices=notices, max_new_tokens=max_new_tokens
+        )
 
     def _cut_question(self, exchange: Exchange, length: int, budget: int) -> tuple[Exchange, int]:
         tokenizer = self.processor.tokenizer
@@ -352,7 +378,8 @@ class ChatEngine:
             if keep <= 0:
                 raise PromptTooLongError(
                     f"The image and the chat template alone need about {length - len(ids)} of the model's "
-                    f"{self.context_length} tokens; lower the maximum number of new tokens."
+                    f"{self.context_length} tokens, leaving no room for an answer of "
+                    f"{self.context_length - budget} tokens; lower the maximum number of new tokens."
                 )
             exchange = replace(exchange, question=tokenizer.decode(ids[:keep]) + marker)
             length = self.count_tokens(to_messages([exchange]))
@@ -369,9 +396,11 @@ class ChatEngine:
         There is an update for every new token, even when the text has not grown (the streamer holds back
         incomplete words), so a consumer can always stop promptly. Closing the iterator early (the user
         pressed stop) stops `generate` at its next step. Exceptions raised by `generate` (out of memory, ...)
-        are re-raised here, in the caller's thread.
+        are re-raised here, in the caller's thread; once it has dealt with them, `release_memory()` frees what
+        the failed step held.
         """
-        settings = replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, self.max_new_tokens)))
+        fits = self.max_new_tokens if prompt.max_new_tokens is None else min(self.max_new_tokens, prompt.max_new_tokens)
+        settings = replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, fits)))
         inputs = {name: value.to(self.device) for name, value in prompt.inputs.items()}
         streamer = _TimedStreamer(self.processor.tokenizer)
         stop = Event()
@@ -406,8 +435,6 @@ class ChatEngine:
             stop.set()
             worker.join()
         if "error" in outcome:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # so the next request starts from a clean allocator after an OOM
             raise outcome["error"]
         token_ids = outcome["sequences"][0, prompt.length :].tolist()
         cost = self._cost(prompt, streamer, started, memory)
@@ -486,6 +513,16 @@ def shortcut_label(vision_layer: int, llm_layer: int) -> str:
 
 
 # --- errors -------------------------------------------------------------------------------------------------
+def release_memory() -> None:
+    """Free what a failed request left behind, so the next one starts from a clean slate (after an out-of-memory
+    error above all). An exception handed over from the generation thread sits in a reference cycle with that
+    thread's frames (and their tensors), which only the cycle collector frees; then CUDA's caching allocator
+    returns the freed blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def error_message(error: BaseException) -> str:
     """What the chat shows for an error: a sentence a user can act on, never a stack trace."""
     if isinstance(error, InvalidInputError):
@@ -624,10 +661,12 @@ class ChatSession:
             else:
                 logger.exception("Answering failed")
             turn.status, turn.error = "failed", error_message(error)
-            yield turn
         finally:
             if turn.status == "pending":  # the consumer closed the stream: the user stopped the answer
                 turn.status = "stopped"
+        if turn.status == "failed":
+            release_memory()  # here, after the except block: until it ends, the error keeps the failed step alive
+            yield turn
 
     def retry(self, engine: ChatEngine, settings: GenerationSettings | None = None) -> Iterator[Turn]:
         """Ask the last question again (with its image), replacing its answer."""
@@ -653,6 +692,8 @@ class ChatSession:
         except Exception as error:
             logger.exception("Comparing shortcut scales failed")
             comparison.error = error_message(error)
+        if comparison.error is not None:
+            release_memory()  # here, after the except block: until it ends, the error keeps the failed step alive
         yield comparison
 
     def transcript(self) -> list[dict]:

@@ -113,6 +113,43 @@ def load_llava_json(path: str | Path, image_root: str | None = None, strict: boo
     return samples
 
 
+def group_by_image(samples: list[Sample], max_turns: int) -> list[Sample]:
+    """Merge records about the same image into multi-turn conversations of up to `max_turns` exchanges.
+
+    Single-question datasets (ShapesWorld, VQA-style data) pay for the image tokens once per question; merged,
+    as in LLaVA-Instruct's multi-turn records, they pay once per conversation. Groups keep the order in which
+    records first appear; the `<image>` placeholder stays in the first turn only. Text-only records and
+    `max_turns <= 1` are left as they are. A group's meta is its first record's.
+    """
+    if max_turns <= 1:
+        return list(samples)
+    groups: dict[str, list[Sample]] = {}
+    order: list[Sample | str] = []
+    for sample in samples:
+        if sample.image is None:
+            order.append(sample)
+            continue
+        if sample.image not in groups:
+            groups[sample.image] = []
+            order.append(sample.image)
+        groups[sample.image].append(sample)
+    merged = []
+    for item in order:
+        if isinstance(item, Sample):
+            merged.append(item)
+            continue
+        members = groups[item]
+        for start in range(0, len(members), max_turns):
+            chunk = members[start : start + max_turns]
+            turns = list(chunk[0].turns)
+            for other in chunk[1:]:
+                turns += [(role, " ".join(text.replace(IMAGE_TOKEN, " ").split()) if role == "user" else text)
+                          for role, text in other.turns]
+            merged.append(Sample(id=chunk[0].id if len(chunk) == 1 else "+".join(str(s.id) for s in chunk),
+                                 image=item, turns=turns, meta=dict(chunk[0].meta)))
+    return merged
+
+
 def sample_to_record(sample: Sample, image_root: str | None = None) -> dict[str, Any]:
     """The JSON record of a sample; with `image_root`, the image path is written relative to it."""
     record: dict[str, Any] = {"id": sample.id}

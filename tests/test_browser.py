@@ -1,10 +1,15 @@
 """The demo in a real browser (Playwright + Debian's Chromium, headless): upload an image, ask, watch the answer
 stream in and the plots appear. Saves a screenshot to test-artifacts/. Skips without Chromium or Playwright."""
 
+import threading
+import uuid
 from pathlib import Path
 
+import httpx
 import pytest
-from test_app import scripted_generate, serving
+from gradio_client import Client
+from test_app import chat_request, scripted_generate, serving
+from test_server import blocking_generate
 
 from demo.examples import load_examples
 from sparsecut.inspection import ChatEngine
@@ -77,4 +82,31 @@ def test_upload_ask_and_see_the_answer_and_plots():
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
         finally:
+            browser.close()
+
+
+def test_a_full_queue_says_busy_on_the_page_and_the_textbox_comes_back():
+    engine = ChatEngine.load("tiny", max_new_tokens=8)
+    started, release = threading.Event(), threading.Event()
+    engine.model.generate = blocking_generate(started, release)  # holds the model until released
+    with serving(engine, max_queue=1) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            Client(url, verbose=False).submit({"text": "Hold on.", "files": []}, api_name="/chat")
+            assert started.wait(60)
+            waiting = httpx.post(f"{url}gradio_api/queue/join", json=chat_request(url, uuid.uuid4().hex, "Me?"))
+            assert waiting.status_code == 200  # the queue's one place is taken
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            question = page.get_by_placeholder("Attach an image")
+            question.fill("Anyone there?")
+            question.press("Enter")
+            page.get_by_text("This application is currently busy").first.wait_for()
+            # Not left disabled, waiting for an answer that never comes: the question is back, ready to resend.
+            sync_api.expect(question).to_be_editable()
+            sync_api.expect(question).to_have_value("Anyone there?")
+            sync_api.expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
+        finally:
+            release.set()
             browser.close()

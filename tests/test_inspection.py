@@ -1,13 +1,20 @@
 """sparsecut.inspection: grid mappings with known answers, pictures, log-probabilities, prompts, sessions."""
 
+import gc
+import importlib
+import logging
 import math
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from conftest import random_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from sparsecut import inspection
 from sparsecut.inspection import (
     CHART_SIZE,
     VIEW_SIZE,
@@ -28,11 +35,13 @@ from sparsecut.inspection import (
     render_visuals,
     sequence_logprob,
     shortcut_chart,
+    to_messages,
 )
 from sparsecut.modeling import ShortcutStats
 from sparsecut.testing import tiny_model
 
 SETTINGS = GenerationSettings(max_new_tokens=6)
+build_module = importlib.import_module("sparsecut.build")  # `sparsecut.build` the attribute is the function
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +235,58 @@ def test_old_turns_are_left_out_first_and_their_image_moves_along(engine):
     assert prompt.messages[-1]["content"][-1]["text"] == "Last question?"
 
 
-def test_a_prompt_that_cannot_fit_is_refused(engine):
+def test_max_new_tokens_is_capped_to_what_fits_and_generate_gets_the_cap(engine, monkeypatch):
+    question = ("Describe the picture in detail, please. " * 8).strip()  # ~330 tokens: fits, a long answer does not
+    prompt = engine.build_prompt([Exchange(question, random_image(5))], max_new_tokens=400)
+    assert prompt.max_new_tokens == engine.context_length - prompt.length < 400
+    assert prompt.messages[-1]["content"][-1]["text"] == question  # the question is kept whole
+    assert len(prompt.notices) == 1 and f"limited to {prompt.max_new_tokens} new tokens" in prompt.notices[0]
+
+    generate, asked = engine.model.generate, []
+    monkeypatch.setattr(engine.model, "generate", lambda **kwargs: asked.append(kwargs) or generate(**kwargs))
+    capped = ChatEngine(engine.model, engine.processor, max_new_tokens=400)
+    turn = ask(ChatSession(), capped, question, random_image(5), GenerationSettings(max_new_tokens=400))
+    assert turn.status == "done" and "limited to" in turn.reply()
+    assert asked[0]["max_new_tokens"] == prompt.max_new_tokens
+
+
+def test_a_prompt_that_cannot_fit_is_refused_and_the_hint_works(engine):
+    image = random_image(5)
+    tight = ChatEngine(engine.model, engine.processor, max_new_tokens=8)
+    tight.context_length = engine.count_tokens(to_messages([Exchange("", image)])) + 4  # room for 4 more tokens
     with pytest.raises(PromptTooLongError, match="lower the maximum"):
-        engine.build_prompt([Exchange("Hi", random_image(5))], max_new_tokens=engine.context_length - 10)
+        tight.build_prompt([Exchange("Hi", image)], max_new_tokens=8)
+    prompt = tight.build_prompt([Exchange("Hi", image)], max_new_tokens=2)
+    assert prompt.length + prompt.max_new_tokens <= tight.context_length
+    assert image_tokens(tight, prompt) == engine.config.num_image_tokens
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    turns=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=4),
+    image_at=st.none() | st.integers(0, 4),
+    question_words=st.integers(1, 150),
+    max_new_tokens=st.integers(1, 480),
+)
+def test_every_prompt_fits_its_answer_and_keeps_image_tokens_whole(
+    engine, turns, image_at, question_words, max_new_tokens
+):
+    image = random_image(13)
+    exchanges = [Exchange("Why? " * q, None, "Because. " * a) for q, a in turns]
+    exchanges.append(Exchange("What is at the top? " * question_words))
+    if image_at is not None:
+        at = min(image_at, len(exchanges) - 1)
+        exchanges[at] = Exchange(exchanges[at].question, image, exchanges[at].answer)
+    prompt = engine.build_prompt(exchanges, max_new_tokens)
+
+    assert 1 <= prompt.max_new_tokens <= max_new_tokens
+    assert prompt.length + prompt.max_new_tokens <= engine.context_length
+    assert image_tokens(engine, prompt) == (0 if image_at is None else engine.config.num_image_tokens)
+    if engine.count_tokens(to_messages(exchanges)) + max_new_tokens <= engine.context_length:
+        assert prompt.notices == [] and prompt.messages == to_messages(exchanges)  # what fits is left alone
+    kept_whole = prompt.messages[-1]["content"][-1]["text"] == exchanges[-1].question
+    assert kept_whole != any("cut short" in notice for notice in prompt.notices)
+    assert (prompt.max_new_tokens < max_new_tokens) == any("limited to" in notice for notice in prompt.notices)
 
 
 # --- sessions -----------------------------------------------------------------------------------------------
@@ -306,6 +364,42 @@ def test_an_error_during_generation_becomes_a_message_and_the_next_request_works
     assert worked.status == "done" and len(session.last_answer.prompt.messages) == 3  # failed turn not re-sent
 
 
+def test_memory_held_by_a_failed_generation_is_released_before_the_next_request(engine, monkeypatch, caplog):
+    # Unlogged, so that no log record keeps the traceback (and the tensor in it) alive.
+    caplog.set_level(logging.CRITICAL, logger=inspection.logger.name)
+    held = []
+
+    def out_of_memory(**kwargs):
+        activations = torch.zeros(256, 256)  # what a failed step still holds through its frame
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    generate = engine.model.generate
+    session = ChatSession()
+    ask(session, engine, "What is it?", random_image(14))
+    monkeypatch.setattr(engine.model, "generate", out_of_memory)
+    gc.disable()  # only an explicit collection may free the cycle the error sits in
+    try:
+        failed = ask(session, engine, "Follow-up?")
+        assert held[0]() is None
+    finally:
+        gc.enable()
+    assert failed.status == "failed" and "ran out of memory" in failed.reply()
+    monkeypatch.setattr(engine.model, "generate", generate)
+    assert ask(session, engine, "Again?").status == "done" and session.last_answer.stats is not None
+
+
+def test_release_memory_empties_the_cuda_cache_when_there_is_cuda(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    inspection.release_memory()
+    assert emptied == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    inspection.release_memory()
+    assert emptied == [1]
+
+
 def test_an_empty_message_is_answered_with_a_hint(engine):
     turn = ask(ChatSession(), engine, "  ")
     assert turn.status == "failed" and "empty" in turn.reply()
@@ -344,6 +438,42 @@ def test_retry_replaces_the_last_answer_and_clear_forgets(engine):
     assert len(session.turns) == 1 and session.turns[0].status == "done" and session.last_answer.stats is not None
     session.clear()
     assert session.turns == [] and session.last_answer is None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-checkpoint")
+    model, processor = tiny_model()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_quantization_without_bitsandbytes_falls_back_to_none_with_a_notice(checkpoint, monkeypatch, caplog):
+    find_spec = build_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        build_module.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name)
+    )
+    with caplog.at_level(logging.WARNING, logger=inspection.logger.name):
+        loaded = ChatEngine.load(str(checkpoint), quantization="4bit", device="cpu", max_new_tokens=4)
+    assert loaded.quantization == "none" and "none quantization" in loaded.describe()
+    assert len(loaded.notices) == 1 and "4bit" in loaded.notices[0] and "not installed" in loaded.notices[0]
+    assert loaded.notices[0] in caplog.messages
+    assert not any("bitsandbytes" in type(m).__module__ for m in loaded.model.modules())  # plain nn.Linear layers
+    assert ask(ChatSession(), loaded, "What is it?", random_image(15)).status == "done"
+
+
+def test_quantization_the_device_cannot_run_falls_back_to_none(checkpoint, monkeypatch):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    assert build_module.quantization_unavailable("8bit", torch.device("cpu")) is None  # works here: no fallback
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(bnb_functional, "int8_vectorwise_quant", no_kernel)
+    loaded = ChatEngine.load(str(checkpoint), quantization="8bit", device="cpu", max_new_tokens=4)
+    assert loaded.quantization == "none"
+    assert "cannot quantize to 8bit on cpu" in loaded.notices[0] and "no kernel for this device" in loaded.notices[0]
 
 
 def test_default_quantization_depends_on_the_device():

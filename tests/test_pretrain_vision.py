@@ -34,3 +34,14 @@ def test_short_pretraining_learns_and_saves_a_loadable_encoder(tmp_path):
 
     log = json.loads((out / "pretrain_log.json").read_text())["log"]
     assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_stage_zero_scenes_always_carry_a_character():
+    import random
+
+    from sparsecut.pretrain_vision import sample_scene_with_character
+
+    rng = random.Random(0)
+    scenes = [sample_scene_with_character(rng) for _ in range(20)]
+    assert all(any(obj.char for obj in scene.objects) for scene in scenes)
+    assert len({scene.objects for scene in scenes}) == 20  # still a stream of different scenes

@@ -96,6 +96,7 @@ def test_config_paths_are_relative_to_the_yaml(tmp_path):
     path.write_text(yaml.safe_dump({"output_dir": "o", "stages": [{"name": "a", "data": "d/train.json"}]}))
     config = TrainConfig.from_yaml(path)
     assert config.stages[0].data == str((tmp_path / "sub" / "d" / "train.json").resolve())
+    assert config.output_dir == str((tmp_path / "sub" / "o").resolve())
 
 
 def test_lora_stage_ships_without_the_base_llm(tmp_path, shapes, monkeypatch):
@@ -203,3 +204,22 @@ def test_encoding_labels_answers_only_and_truncates_without_cutting_images():
     assert cut.input_ids == encoded.input_ids[:-3] and cut.labels == encoded.labels[:-3]
     with pytest.raises(ValueError, match="would cut its image"):
         encode_sample(sample, processor, max_length=5)
+
+
+def test_length_grouped_batches_cover_the_data_once_with_little_padding():
+    from sparsecut.train import LengthGroupedBatches
+
+    lengths = [int(x) for x in torch.randint(20, 300, (1000,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=0, window=16)
+    first, second = list(sampler), list(sampler)
+    assert sorted(i for batch in first for i in batch) == list(range(1000))
+    assert len(first) == len(sampler) == 125 and all(len(batch) <= 8 for batch in first)
+    assert first != second  # each pass is a new order ...
+    sampler.passes = 0
+    assert list(sampler) == first  # ... that depends only on the seed and the pass (resumes repeat it)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padding(first) < 0.25 * padding([shuffled[k : k + 8] for k in range(0, 1000, 8)])

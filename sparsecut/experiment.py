@@ -1,0 +1,107 @@
+"""`sparsecut experiment CONFIG.yaml`: train several model variants with one recipe and compare them.
+
+The experiment yaml names a training config (`base`) and the variants, each a set of `SparseCutConfig` overrides
+on top of it; every variant then runs the same stages, data, steps and seed, and is scored on the same held-out
+split. `stages` overrides stage fields for every variant alike (the shared budget): a key naming a stage holds
+that stage's overrides, other keys apply to every stage. Results go to
+`output_dir/results.json` and `results.md`: per-family accuracy and the LLM input tokens of each variant.
+
+    # sparsecut experiment configs/compare.yaml
+    base: default.yaml
+    output_dir: ../runs/compare
+    eval: {data: ../data/shapesworld/test.json, limit: 1000}
+    stages: {align: {max_steps: 20}, instruct: {max_steps: 80}}
+    variants:
+      sparsecut: {}
+      llava: {fusion: none, schedule: none}
+
+Variants train one after another and a finished variant is not redone, so an interrupted experiment resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .evaluate import evaluate
+from .train import TrainConfig, train
+
+FINE_DETAIL = ("pattern", "character")
+"""The ShapesWorld families whose answers are only legible at high resolution."""
+
+
+def variant_config(raw_base: dict, base_dir: Path, name: str, overrides: dict, stages: dict, out: Path) -> TrainConfig:
+    """The base training config with a variant's model overrides, the shared stage overrides (keys that name a
+    stage hold that stage's overrides; other keys apply to every stage) and its own output directory."""
+    raw = dict(raw_base)
+    model = dict(raw.get("model", {}))
+    model["config"] = {**model.get("config", {}), **(overrides or {})}
+    raw["model"] = model
+    names = {stage["name"] for stage in raw["stages"]}
+    common = {key: value for key, value in stages.items() if key not in names}
+    raw["stages"] = [{**stage, **common, **stages.get(stage["name"], {})} for stage in raw["stages"]]
+    raw["output_dir"] = str(out / name)
+    return TrainConfig.from_dict(raw, base_dir)
+
+
+def summarise(name: str, scores: dict, image_tokens: int, input_tokens: float, overrides: dict) -> dict:
+    families = {family: metrics.get("accuracy", metrics.get("exact")) for family, metrics in scores["families"].items()}
+    fine = [families[f] for f in FINE_DETAIL if f in families]
+    return {
+        "variant": name,
+        "overrides": overrides,
+        "image_tokens": image_tokens,
+        "llm_input_tokens": input_tokens,
+        "families": families,
+        "fine_detail": sum(fine) / len(fine) if fine else None,
+        "short_answer": scores["overall"]["accuracy"],
+    }
+
+
+def to_markdown(rows: list[dict], baseline: str | None) -> str:
+    families = sorted({family for row in rows for family in row["families"]})
+    head = ["variant", "image tokens", "LLM input tokens", *families, "fine detail", "short answer"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        cells = [row["variant"], str(row["image_tokens"]), f"{row['llm_input_tokens']:.1f}"]
+        cells += [f"{100 * row['families'][f]:.1f}" if f in row["families"] else "–" for f in families]
+        cells += [f"{100 * row['fine_detail']:.1f}" if row["fine_detail"] is not None else "–",
+                  f"{100 * row['short_answer']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    base = next((row for row in rows if row["variant"] == baseline), None)
+    if base is not None and base["fine_detail"] is not None:
+        lines.append("")
+        for row in rows:
+            if row is not base and row["fine_detail"] is not None:
+                gain = 100 * (row["fine_detail"] - base["fine_detail"])
+                lines.append(f"- {row['variant']}: fine detail {gain:+.1f} points over {baseline}")
+    return "\n".join(lines) + "\n"
+
+
+def experiment(path: str | Path) -> Path:
+    """Run every variant of an experiment yaml (training, then evaluation); returns the results.md path."""
+    path = Path(path).resolve()
+    spec = yaml.safe_load(path.read_text())
+    base_path = (path.parent / spec["base"]).resolve()
+    raw_base = yaml.safe_load(base_path.read_text())
+    out = (path.parent / spec["output_dir"]).resolve()
+    evaluation = dict(spec.get("eval", {}))
+    data = str((path.parent / evaluation.pop("data")).resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, overrides in spec["variants"].items():
+        config = variant_config(raw_base, base_path.parent, name, overrides, spec.get("stages", {}), out)
+        final = train(config)
+        eval_dir = out / name / "eval"
+        if (eval_dir / "scores.json").is_file():
+            scores = json.loads((eval_dir / "scores.json").read_text())
+        else:
+            scores = evaluate(str(final), data, str(eval_dir), **evaluation)
+        rows.append(summarise(name, scores, scores["image_tokens"], scores["llm_input_tokens"], overrides or {}))
+        (out / "results.json").write_text(json.dumps({"command": f"sparsecut experiment {path.name}",
+                                                      "variants": rows}, indent=2))
+    markdown = out / "results.md"
+    markdown.write_text(to_markdown(rows, spec.get("baseline")))
+    return markdown
