@@ -243,18 +243,29 @@ class LengthGroupedBatches(Sampler):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
-    """Mean loss over answer tokens of a held-out set."""
+def evaluate_loss(model, loader, accelerator: Accelerator) -> dict[str, float]:
+    """Mean loss over answer tokens of a held-out set, and the same loss with every image swapped for another
+    sample's (`eval_loss_other_image`, where a batch has two images or more). The gap between the two shows
+    whether the model answers from the image: a model that ignores it scores the same on both."""
     model.eval()
-    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    zero = torch.zeros((), device=accelerator.device)
+    total, count, swapped, swapped_count = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     for batch in loader:
         tokens = (batch["labels"][:, 1:] != -100).sum()
-        loss = model(**batch, logits_to_keep=1).loss
-        total += loss * tokens
+        total += model(**batch, logits_to_keep=1).loss * tokens
         count += tokens
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is not None and pixel_values.shape[0] > 1:
+            other = {**batch, "pixel_values": pixel_values.roll(1, dims=0)}
+            swapped += model(**other, logits_to_keep=1).loss * tokens
+            swapped_count += tokens
     total, count = accelerator.reduce(total), accelerator.reduce(count)
+    swapped, swapped_count = accelerator.reduce(swapped), accelerator.reduce(swapped_count)
     model.train()
-    return float(total / count.clamp_min(1))
+    losses = {"eval_loss": float(total / count.clamp_min(1))}
+    if float(swapped_count):
+        losses["eval_loss_other_image"] = float(swapped / swapped_count)
+    return losses
 
 
 def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: TrainConfig, resume: bool = True):
@@ -333,7 +344,7 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
                 "samples_per_s": seen / (time.perf_counter() - started),
             }
             if eval_loader is not None and ((stage.eval_every and step % stage.eval_every == 0) or step == total_steps):
-                record["eval_loss"] = evaluate_loss(model, eval_loader, accelerator)
+                record |= evaluate_loss(model, eval_loader, accelerator)
             if accelerator.is_main_process:
                 with log_path.open("a") as log:
                     log.write(json.dumps(record) + "\n")
@@ -371,6 +382,9 @@ def plot_log(log_path: Path, png_path: Path, title: str) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if evals:
         series["eval loss"] = evals
+    swapped = [(r["step"], r["eval_loss_other_image"]) for r in records if "eval_loss_other_image" in r]
+    if swapped:
+        series["eval loss, images swapped"] = swapped
     line_chart(series, title=title, x_label="step").save(png_path)
 
 

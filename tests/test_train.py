@@ -68,6 +68,8 @@ def test_two_stages_lower_the_loss_and_reload(tmp_path, shapes):
     assert final == tmp_path / "run" / "instruct"
     log = [json.loads(line) for line in (final / "log.jsonl").read_text().splitlines()]
     assert len(log) == 20 and log[-1]["eval_loss"] < log[9]["eval_loss"]
+    # The grounding check: the same held-out answers with each image swapped for another sample's.
+    assert log[-1]["eval_loss_other_image"] > 0 and log[-1]["eval_loss_other_image"] != log[-1]["eval_loss"]
     first_align = json.loads((tmp_path / "run" / "align" / "log.jsonl").read_text().splitlines()[0])
     assert log[-1]["loss"] < first_align["loss"]
     assert (final / "loss.png").is_file() and not (final / "state").exists()
