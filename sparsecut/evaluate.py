@@ -20,7 +20,8 @@ def predict(
     model, processor, samples, batch_size: int = 16, max_new_tokens: int = 64, input_lengths: list | None = None
 ) -> list[str]:
     """Greedy answers to each sample's first question (its first assistant turn is the reference). The LLM
-    input length of each prompt (text and image tokens) is appended to `input_lengths` if one is given."""
+    input length of each prompt (text and image tokens) is appended to `input_lengths` if one is given, in the
+    order the prompts were batched (by family), not the samples' order."""
     # A batch generates until its longest answer ends: questions of one family (answers of similar lengths)
     # are batched together, then the answers are put back in the samples' order.
     order = sorted(range(len(samples)), key=lambda i: str(samples[i].meta.get("family", "")))

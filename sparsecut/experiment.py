@@ -46,14 +46,15 @@ def variant_config(raw_base: dict, base_dir: Path, name: str, overrides: dict, s
     return TrainConfig.from_dict(raw, base_dir)
 
 
-def summarise(name: str, scores: dict, image_tokens: int, input_tokens: float, overrides: dict) -> dict:
+def summarise(name: str, scores: dict, overrides: dict) -> dict:
+    """One row of the results: per-family accuracy (descriptions: exact), the fine-detail mean and the costs."""
     families = {family: metrics.get("accuracy", metrics.get("exact")) for family, metrics in scores["families"].items()}
     fine = [families[f] for f in FINE_DETAIL if f in families]
     return {
         "variant": name,
         "overrides": overrides,
-        "image_tokens": image_tokens,
-        "llm_input_tokens": input_tokens,
+        "image_tokens": scores["image_tokens"],
+        "llm_input_tokens": scores["llm_input_tokens"],
         "families": families,
         "fine_detail": sum(fine) / len(fine) if fine else None,
         "short_answer": scores["overall"]["accuracy"],
@@ -99,7 +100,7 @@ def experiment(path: str | Path) -> Path:
             scores = json.loads((eval_dir / "scores.json").read_text())
         else:
             scores = evaluate(str(final), data, str(eval_dir), **evaluation)
-        rows.append(summarise(name, scores, scores["image_tokens"], scores["llm_input_tokens"], overrides or {}))
+        rows.append(summarise(name, scores, overrides or {}))
         (out / "results.json").write_text(json.dumps({"command": f"sparsecut experiment {path.name}",
                                                       "variants": rows}, indent=2))
     markdown = out / "results.md"

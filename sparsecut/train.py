@@ -242,6 +242,22 @@ class LengthGroupedBatches(Sampler):
         yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
 
 
+def other_images(pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+    """The batch's images reassigned so that every sample gets a different image than its own (the next one in
+    the batch that differs), or None if the batch has fewer than two distinct images. Held-out files often list
+    several questions about one image in a row, so a plain roll would mostly hand a sample its own image."""
+    if pixel_values is None:
+        return None
+    flat = pixel_values.flatten(1)
+    n, picks = flat.shape[0], []
+    for i in range(n):
+        pick = next((j for k in range(1, n) if not torch.equal(flat[j := (i + k) % n], flat[i])), None)
+        if pick is None:
+            return None
+        picks.append(pick)
+    return pixel_values[picks]
+
+
 @torch.no_grad()
 def evaluate_loss(model, loader, accelerator: Accelerator) -> dict[str, float]:
     """Mean loss over answer tokens of a held-out set, and the same loss with every image swapped for another
@@ -254,10 +270,9 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> dict[str, float]:
         tokens = (batch["labels"][:, 1:] != -100).sum()
         total += model(**batch, logits_to_keep=1).loss * tokens
         count += tokens
-        pixel_values = batch.get("pixel_values")
-        if pixel_values is not None and pixel_values.shape[0] > 1:
-            other = {**batch, "pixel_values": pixel_values.roll(1, dims=0)}
-            swapped += model(**other, logits_to_keep=1).loss * tokens
+        others = other_images(batch.get("pixel_values"))
+        if others is not None:
+            swapped += model(**{**batch, "pixel_values": others}, logits_to_keep=1).loss * tokens
             swapped_count += tokens
     total, count = accelerator.reduce(total), accelerator.reduce(count)
     swapped, swapped_count = accelerator.reduce(swapped), accelerator.reduce(swapped_count)

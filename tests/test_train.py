@@ -225,3 +225,15 @@ def test_length_grouped_batches_cover_the_data_once_with_little_padding():
 
     shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
     assert padding(first) < 0.25 * padding([shuffled[k : k + 8] for k in range(0, 1000, 8)])
+
+
+def test_the_grounding_check_gives_every_sample_another_image():
+    from sparsecut.train import other_images
+
+    a, b, c = (torch.full((5, 3, 4, 4), float(v)) for v in (1, 2, 3))
+    batch = torch.stack([a, a, a, b, b, c])  # questions about one image come in a row in held-out files
+    swapped = other_images(batch)
+    assert swapped.shape == batch.shape
+    assert all(not torch.equal(swapped[i], batch[i]) for i in range(len(batch)))
+    assert {float(x[0, 0, 0, 0]) for x in swapped} <= {1.0, 2.0, 3.0}  # images of the batch, only moved
+    assert other_images(torch.stack([a, a])) is None and other_images(None) is None
