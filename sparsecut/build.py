@@ -129,8 +129,8 @@ def build(
 
     Fusion and shortcut weights are new (random fusion, gates at `shortcut_gate_init`); the backbones keep
     their weights when given as paths / hub ids / GGUF. `config_overrides` go to `SparseCutConfig`
-    (fusion, high_res_grid, feature_layer, schedule, shortcut_vision_layers, shortcut_llm_layers, ...).
-    A config-only LLM needs `tokenizer`.
+    (fusion, high_res_grid, feature_layer, schedule, shortcut_vision_layers, shortcut_llm_layers, ...);
+    `image_token_scale="auto"` takes the scale from the LLM's input embeddings. A config-only LLM needs `tokenizer`.
     """
     vision_tower, mean, std = load_vision(vision, dtype)
     language_model, llm_tokenizer = load_llm(llm, dtype)
@@ -146,6 +146,9 @@ def build(
         "vision_config": vision_tower.config._attn_implementation,
         "text_config": language_model.config._attn_implementation,
     }
+    if config_overrides.get("image_token_scale") == "auto":
+        embeddings = language_model.get_input_embeddings().weight.detach().float()
+        config_overrides["image_token_scale"] = round(float(embeddings.pow(2).mean().sqrt()), 6)
     config = SparseCutConfig(
         attn_implementation=attention,
         vision_config=vision_tower.config,

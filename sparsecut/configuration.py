@@ -86,6 +86,11 @@ class SparseCutConfig(PreTrainedConfig):
         fusion_input_norm: LayerNorm the encoder features before cross_attention / concat_mlp fusion, so that
             layers with very different scales can share one fusion module.
         projector_hidden_act: activation of the 2-layer projector MLP to the LLM hidden size.
+        image_token_scale: None (LLaVA's projector), or centre each image's projected tokens (remove their mean
+            over the image) and scale them to this RMS times a learned per-channel gain (`fusion.ImageTokenNorm`),
+            so that image tokens differ from each other and enter the LLM at the scale of its text embeddings.
+            `sparsecut.build(..., image_token_scale="auto")` takes the RMS of the LLM's input embeddings. Not in
+            the paper; it lets a small LLM trained briefly single out image tokens (see the default model card).
         shortcut_gate_init: initial value of the per-shortcut, per-channel gate; 0 makes a fresh model equal
             its shortcut-free baseline at step 0.
         lora: peft `LoraConfig` arguments of LoRA adapters injected into the LLM (stage 2), or None.
@@ -114,6 +119,7 @@ class SparseCutConfig(PreTrainedConfig):
     fusion_ffn_ratio: int = 4
     fusion_input_norm: bool = True
     projector_hidden_act: str = "gelu"
+    image_token_scale: float | None = None
     shortcut_gate_init: float = 0.0
     lora: dict | None = None
     base_llm: str | None = None
@@ -130,6 +136,10 @@ class SparseCutConfig(PreTrainedConfig):
     def _validate(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}.")
+        if self.image_token_scale is not None and not (
+            isinstance(self.image_token_scale, (int, float)) and self.image_token_scale > 0
+        ):
+            raise ValueError(f"image_token_scale must be a positive number or None, got {self.image_token_scale!r}.")
         if not isinstance(self.high_res_grid, int) or self.high_res_grid < 1:
             raise ValueError(f"high_res_grid must be an integer >= 1, got {self.high_res_grid!r}.")
         if self.append_high_res_tokens and self.fusion != "none":

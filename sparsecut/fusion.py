@@ -9,7 +9,8 @@ call). Three modes:
 - "concat_mlp": each low-res token is concatenated with the grid x grid high-res tokens covering the same area
   ((1 + grid**2) x d features), then the projector.
 - "none": low-res tokens only, through the projector (the LLaVA-1.5 connector).
-The projector is LLaVA's 2-layer GELU MLP to the LLM hidden size.
+The projector is LLaVA's 2-layer GELU MLP to the LLM hidden size, optionally followed by `ImageTokenNorm`
+(`image_token_scale`: centred image tokens at the scale of the LLM's text embeddings).
 """
 
 from __future__ import annotations
@@ -62,17 +63,40 @@ class FusionOutput:
     contribution: torch.Tensor | None = None  # concat_mlp: (N, P, 1 + grid*grid), shares summing to 1
 
 
+class ImageTokenNorm(nn.Module):
+    """Centres the projected tokens of each image (removes their mean over the image's tokens) and rescales
+    them so that their RMS over the image is `initial_scale` times a learned per-channel gain.
+
+    Encoder features share a large constant component (measured on the default encoder: each token's cosine
+    to the mean token is 0.7, after the projector 0.9), so raw image tokens all look alike to a frozen LLM and its
+    attention cannot single one out. Centring keeps what differs between patches; one scale per image (not
+    per token) keeps background tokens small next to object tokens.
+    """
+
+    def __init__(self, dim: int, initial_scale: float, eps: float = 1e-6):
+        super().__init__()
+        self.initial_scale, self.eps = initial_scale, eps
+        self.weight = nn.Parameter(torch.full((dim,), float(initial_scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, D): N images (or layer-image pairs)
+        x = x - x.mean(dim=1, keepdim=True)
+        x = x * torch.rsqrt(x.float().pow(2).mean(dim=(1, 2), keepdim=True) + self.eps).to(x.dtype)
+        return x * self.weight
+
+
 class Projector(nn.Module):
     """LLaVA-1.5's connector: Linear -> GELU -> Linear into the LLM hidden size."""
 
-    def __init__(self, in_dim: int, out_dim: int, act: str):
+    def __init__(self, in_dim: int, out_dim: int, act: str, output_scale: float | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, out_dim)
         self.act = ACT2FN[act]
         self.linear_2 = nn.Linear(out_dim, out_dim)
+        self.output_norm = ImageTokenNorm(out_dim, output_scale) if output_scale is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
+        x = self.linear_2(self.act(self.linear_1(x)))
+        return x if self.output_norm is None else self.output_norm(x)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -132,7 +156,7 @@ class MultiGrainedFusion(nn.Module):
         self.input_norm = nn.LayerNorm(d) if fuses_views and config.fusion_input_norm else nn.Identity()
         self.cross_attention = CrossAttentionBlock(config) if self.mode == "cross_attention" else None
         in_dim = d * (1 + self.grid**2) if self.mode == "concat_mlp" else d
-        self.projector = Projector(in_dim, out_dim, config.projector_hidden_act)
+        self.projector = Projector(in_dim, out_dim, config.projector_hidden_act, config.image_token_scale)
 
     def neighbours(self, high: torch.Tensor) -> torch.Tensor:
         """For each low-res patch, the grid x grid high-res tokens covering its area.

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .adapters import inject_lora
 from .configuration import SparseCutConfig
-from .fusion import CrossAttentionBlock, MultiGrainedFusion, Projector
+from .fusion import CrossAttentionBlock, ImageTokenNorm, MultiGrainedFusion, Projector
 from .shortcuts import SparseShortcuts
 from .vision import encode_layers
 
@@ -88,6 +88,8 @@ class SparseCutPreTrainedModel(PreTrainedModel):
                 elif isinstance(child, nn.LayerNorm):
                     nn.init.ones_(child.weight)
                     nn.init.zeros_(child.bias)
+        elif isinstance(module, ImageTokenNorm):
+            nn.init.constant_(module.weight, module.initial_scale)
         elif isinstance(module, nn.LayerNorm) and module.weight is not None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

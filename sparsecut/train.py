@@ -75,6 +75,12 @@ class StageConfig:
     """Micro-batches per optimizer step."""
     learning_rate: float = 1e-3
     """Peak learning rate (cosine decay after warm-up)."""
+    fusion_learning_rate: float | None = None
+    """Peak learning rate of the fusion module and the shortcut gates, if it should differ from the LLM's
+    (LoRA or full): new modules usually want a higher one. None: `learning_rate`."""
+    families: list[str] | None = None
+    """Train only on records whose `family` field is one of these (ShapesWorld writes one per record); None:
+    all records."""
     warmup_ratio: float = 0.03
     """Share of the steps spent warming the learning rate up."""
     weight_decay: float = 0.0
@@ -121,8 +127,8 @@ class TrainConfig:
     lora: dict = field(default_factory=dict)
     """peft LoraConfig arguments for stages that train `lora` (defaults: sparsecut.adapters.LORA_DEFAULTS)."""
     shapesworld: dict | None = None
-    """Generate ShapesWorld first if missing: {out_dir, train_images, test_images, image_size, seed}; stage data
-    paths may then point into out_dir."""
+    """Generate ShapesWorld first if missing: {out_dir, train_images, test_images, image_size, seed,
+    train_questions_per_image} (`prepare_shapesworld`); stage data paths may then point into out_dir."""
     vision_pretraining: dict | None = None
     """Stage 0 of the offline default (`VisionPretrainConfig` fields): train a small encoder on ShapesWorld and
     save it to `model.vision` (a path) before the SparseCut stages, unless it is already there."""
@@ -178,6 +184,19 @@ def set_trainable(model: SparseCutForConditionalGeneration, parts: list[str]) ->
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def parameter_groups(model: SparseCutForConditionalGeneration, stage: StageConfig) -> list[dict]:
+    """The trainable parameters as optimizer groups: the new modules (fusion, gates) at `fusion_learning_rate`,
+    the rest at `learning_rate`."""
+    new = {id(p) for module in (model.fusion, model.shortcuts) for p in module.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fusion_lr = stage.fusion_learning_rate or stage.learning_rate
+    groups = [
+        {"params": [p for p in trainable if id(p) in new], "lr": fusion_lr},
+        {"params": [p for p in trainable if id(p) not in new], "lr": stage.learning_rate},
+    ]
+    return [group for group in groups if group["params"]]
+
+
 def add_lora(model: SparseCutForConditionalGeneration, lora: dict) -> None:
     """Give the LLM LoRA adapters (once); the config records them so that checkpoints reload with them."""
     if not model.config.lora:
@@ -207,7 +226,12 @@ def initial_model(config: TrainConfig):
 def _loader(
     path: str, image_root: str | None, processor, stage: StageConfig, shuffle: bool, seed: int, limit: int | None = None
 ) -> DataLoader:
-    samples = load_llava_json(path, image_root=image_root or str(Path(path).parent))[:limit]
+    samples = load_llava_json(path, image_root=image_root or str(Path(path).parent))
+    if shuffle and stage.families is not None:
+        samples = [sample for sample in samples if sample.meta.get("family") in stage.families]
+        if not samples:
+            raise ValueError(f"Stage {stage.name!r}: no record of {path} has a family in {stage.families}.")
+    samples = samples[:limit]
     if shuffle:  # training data
         samples = group_by_image(samples, stage.group_turns)
     dataset = ConversationDataset(samples, processor, stage.max_length)
@@ -306,9 +330,7 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
     )
     steps_per_epoch = math.ceil(len(train_loader) / stage.gradient_accumulation)
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=stage.learning_rate, weight_decay=stage.weight_decay
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage), weight_decay=stage.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
     batches = train_loader.batch_sampler
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
@@ -403,11 +425,25 @@ def plot_log(log_path: Path, png_path: Path, title: str) -> None:
     line_chart(series, title=title, x_label="step").save(png_path)
 
 
-def prepare_shapesworld(out_dir: str, train_images: int, test_images: int, image_size: int = 128, seed: int = 0):
-    """Generate the train and test splits unless they are already there (splits are disjoint by construction)."""
-    for split, n_images in (("train", train_images), ("test", test_images)):
+def prepare_shapesworld(
+    out_dir: str,
+    train_images: int,
+    test_images: int,
+    image_size: int = 128,
+    seed: int = 0,
+    train_questions_per_image: int = 4,
+):
+    """Generate the train and test splits unless they are already there (splits are disjoint by construction).
+    The test split always asks 4 questions per image; training images may get more (each answer then costs
+    fewer image tokens when `group_turns` merges them into one conversation)."""
+    for split, n_images, questions in (
+        ("train", train_images, train_questions_per_image),
+        ("test", test_images, 4),
+    ):
         if not (Path(out_dir) / f"{split}.json").is_file():
-            generate_dataset(out_dir, n_images, seed=seed, image_size=image_size, split=split)
+            generate_dataset(
+                out_dir, n_images, seed=seed, image_size=image_size, questions_per_image=questions, split=split
+            )
 
 
 def train(config: str | os.PathLike | TrainConfig, resume: bool = True) -> Path:

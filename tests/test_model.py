@@ -186,6 +186,8 @@ def test_image_token_count_mismatch_is_a_clear_error():
         (dict(feature_layer=5), "vision encoder has 2 layers"),
         (dict(fusion="sum"), "fusion must be one of"),
         (dict(fusion="cross_attention", append_high_res_tokens=True), "needs fusion='none'"),
+        (dict(image_token_scale=0), "image_token_scale must be"),
+        (dict(image_token_scale="auto"), "image_token_scale must be"),
     ],
 )
 def test_bad_configs_are_rejected_with_the_depths(overrides, message):
@@ -295,3 +297,30 @@ def test_stale_state_never_reaches_a_direct_llm_call():
         model(**inputs)
         after = model.language_model(input_ids=ids).logits
     torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_image_token_scale_puts_image_tokens_at_the_embedding_scale(tmp_path):
+    from sparsecut import load_model
+
+    model, processor = tiny_model(image_token_scale="auto")
+    embeddings = model.get_input_embeddings().weight.detach()
+    scale = float(embeddings.pow(2).mean().sqrt())
+    assert model.config.image_token_scale == pytest.approx(scale, rel=1e-4)
+    pixel_values = chat_inputs(processor)["pixel_values"]
+    features = model.get_image_features(pixel_values)
+    for tokens in [features.inputs, *features.shortcuts]:  # (images, T, D): each image's tokens, per layer
+        torch.testing.assert_close(tokens.mean(dim=1), torch.zeros_like(tokens.mean(dim=1)), rtol=0, atol=1e-5)
+        rms = tokens.pow(2).mean(dim=(1, 2)).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, scale), rtol=1e-3, atol=0)
+        assert tokens.norm(dim=-1).std() > 0  # one scale per image, not per token
+    # The gain is learned: a changed gain survives saving, and the scale is not re-applied on load.
+    with torch.no_grad():
+        model.fusion.projector.output_norm.weight.mul_(3.0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = load_model(tmp_path, device="cpu")
+    torch.testing.assert_close(
+        loaded.get_image_features(pixel_values).inputs, model.get_image_features(pixel_values).inputs
+    )
+    # Without it, the projector is LLaVA's (no norm), as old checkpoints expect.
+    assert tiny_model()[0].fusion.projector.output_norm is None

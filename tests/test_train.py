@@ -237,3 +237,52 @@ def test_the_grounding_check_gives_every_sample_another_image():
     assert all(not torch.equal(swapped[i], batch[i]) for i in range(len(batch)))
     assert {float(x[0, 0, 0, 0]) for x in swapped} <= {1.0, 2.0, 3.0}  # images of the batch, only moved
     assert other_images(torch.stack([a, a])) is None and other_images(None) is None
+
+
+def test_fusion_trains_at_its_own_learning_rate():
+    from sparsecut.adapters import LORA_DEFAULTS
+    from sparsecut.testing import tiny_model
+    from sparsecut.train import add_lora, parameter_groups
+
+    model, _ = tiny_model()
+    add_lora(model, dict(LORA_DEFAULTS, r=2))
+    set_trainable(model, ["fusion", "gates", "lora"])
+    stage = StageConfig(name="x", data="d.json", learning_rate=1e-4, fusion_learning_rate=3e-3)
+    fusion_group, llm_group = parameter_groups(model, stage)
+    new = {id(p) for p in [*model.fusion.parameters(), *model.shortcuts.parameters()]}
+    assert fusion_group["lr"] == 3e-3 and {id(p) for p in fusion_group["params"]} == new
+    assert llm_group["lr"] == 1e-4 and llm_group["params"]
+    assert all("lora_" in name for name, p in model.named_parameters() if id(p) in map(id, llm_group["params"]))
+    # Without its own rate, the fusion trains at the stage's.
+    plain = StageConfig(name="x", data="d.json", learning_rate=1e-4)
+    assert [group["lr"] for group in parameter_groups(model, plain)] == [1e-4, 1e-4]
+
+
+def test_a_stage_can_train_on_chosen_families_only(tmp_path, shapes):
+    from sparsecut.testing import tiny_model
+    from sparsecut.train import _loader
+
+    train_json, _ = shapes
+    families = {record["family"] for record in json.loads(open(train_json).read())}
+    assert len(families) > 1
+    _, processor = tiny_model()
+    keep = sorted(families)[:1]
+    stage = StageConfig(name="x", data=str(train_json), families=keep, batch_size=2)
+    loader = _loader(str(train_json), None, processor, stage, shuffle=True, seed=0)
+    assert {sample.meta["family"] for sample in loader.dataset.samples} == set(keep)
+    with pytest.raises(ValueError, match="no record"):
+        _loader(str(train_json), None, processor, StageConfig(name="x", data="d", families=["nope"]), True, 0)
+
+
+def test_training_images_can_carry_more_questions_than_test_images(tmp_path):
+    from collections import Counter
+
+    from sparsecut.train import prepare_shapesworld
+
+    prepare_shapesworld(str(tmp_path), train_images=3, test_images=2, image_size=32, train_questions_per_image=6)
+    per_image = {
+        split: Counter(record["image"] for record in json.loads((tmp_path / f"{split}.json").read_text()))
+        for split in ("train", "test")
+    }
+    assert set(per_image["train"].values()) == {6} and len(per_image["train"]) == 3
+    assert set(per_image["test"].values()) == {4} and len(per_image["test"]) == 2
