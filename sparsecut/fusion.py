@@ -68,7 +68,7 @@ class ImageTokenNorm(nn.Module):
     them so that their RMS over the image is `initial_scale` times a learned per-channel gain.
 
     Encoder features share a large constant component (measured on the default encoder: each token's cosine
-    to the mean token is 0.7, after the projector 0.9), so raw image tokens all look alike to a frozen LLM and its
+    to the mean token is 0.70, after the projector 0.83), so raw image tokens all look alike to a frozen LLM and its
     attention cannot single one out. Centring keeps what differs between patches; one scale per image (not
     per token) keeps background tokens small next to object tokens.
     """

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -440,7 +441,15 @@ def prepare_shapesworld(
         ("train", train_images, train_questions_per_image),
         ("test", test_images, 4),
     ):
-        if not (Path(out_dir) / f"{split}.json").is_file():
+        path = Path(out_dir) / f"{split}.json"
+        if path.is_file():
+            asked = Counter(record["image"] for record in json.loads(path.read_text()))
+            if set(asked.values()) != {questions}:
+                raise ValueError(
+                    f"{path} has {sorted(set(asked.values()))} questions per image but the config asks for "
+                    f"{questions}; delete {path} to regenerate it."
+                )
+        else:
             generate_dataset(
                 out_dir, n_images, seed=seed, image_size=image_size, questions_per_image=questions, split=split
             )

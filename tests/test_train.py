@@ -286,3 +286,6 @@ def test_training_images_can_carry_more_questions_than_test_images(tmp_path):
     }
     assert set(per_image["train"].values()) == {6} and len(per_image["train"]) == 3
     assert set(per_image["test"].values()) == {4} and len(per_image["test"]) == 2
+    # An existing split made with another count is not silently reused.
+    with pytest.raises(ValueError, match="questions per image"):
+        prepare_shapesworld(str(tmp_path), train_images=3, test_images=2, image_size=32)
