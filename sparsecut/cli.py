@@ -107,6 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     compare = commands.add_parser("experiment", help="train and score model variants with one recipe")
     compare.add_argument("config", help="experiment yaml (sparsecut/experiment.py)")
 
+    look = commands.add_parser("probe", help="linear probes: which object attributes the image tokens carry")
+    look.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: weights/)")
+    look.add_argument("--data", default="data/shapesworld", help="ShapesWorld directory with both splits")
+    look.add_argument("--train-images", type=int, default=1500, help="images whose objects fit the probes")
+    look.add_argument("--test-images", type=int, default=600, help="images whose objects score them")
+    look.add_argument("--out-dir", default=None, help="default: DATA/probe")
+    look.add_argument("--device", default="auto")
+
     shapes = commands.add_parser("shapesworld", help="generate one split of the ShapesWorld VQA data")
     shapes.add_argument("out_dir")
     shapes.add_argument("--n-images", type=int, default=1000)
@@ -142,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
             results = experiment(args.config)
             print(results.read_text())
             print(results)
+        elif args.command == "probe":
+            from .probe import probe, to_markdown
+
+            print(to_markdown(probe(args.model, args.data, args.train_images, args.test_images, args.out_dir,
+                                    args.device)))
         elif args.command == "shapesworld":
             from .shapesworld import generate as generate_shapes
 

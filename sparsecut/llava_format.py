@@ -113,16 +113,11 @@ def load_llava_json(path: str | Path, image_root: str | None = None, strict: boo
     return samples
 
 
-def group_by_image(samples: list[Sample], max_turns: int) -> list[Sample]:
-    """Merge records about the same image into multi-turn conversations of up to `max_turns` exchanges.
-
-    Single-question datasets (ShapesWorld, VQA-style data) pay for the image tokens once per question; merged,
-    as in LLaVA-Instruct's multi-turn records, they pay once per conversation. Groups keep the order in which
-    records first appear; the `<image>` placeholder stays in the first turn only. Text-only records and
-    `max_turns <= 1` are left as they are. A group's meta is its first record's.
-    """
+def image_groups(samples: list[Sample], max_turns: int) -> list[list[Sample]]:
+    """Records about the same image in groups of up to `max_turns`, in the order in which images first appear;
+    a text-only record is a group of its own, as is every record when `max_turns <= 1`."""
     if max_turns <= 1:
-        return list(samples)
+        return [[sample] for sample in samples]
     groups: dict[str, list[Sample]] = {}
     order: list[Sample | str] = []
     for sample in samples:
@@ -133,20 +128,33 @@ def group_by_image(samples: list[Sample], max_turns: int) -> list[Sample]:
             groups[sample.image] = []
             order.append(sample.image)
         groups[sample.image].append(sample)
-    merged = []
+    out = []
     for item in order:
         if isinstance(item, Sample):
-            merged.append(item)
+            out.append([item])
             continue
         members = groups[item]
-        for start in range(0, len(members), max_turns):
-            chunk = members[start : start + max_turns]
-            turns = list(chunk[0].turns)
-            for other in chunk[1:]:
-                turns += [(role, " ".join(text.replace(IMAGE_TOKEN, " ").split()) if role == "user" else text)
-                          for role, text in other.turns]
-            merged.append(Sample(id=chunk[0].id if len(chunk) == 1 else "+".join(str(s.id) for s in chunk),
-                                 image=item, turns=turns, meta=dict(chunk[0].meta)))
+        out += [members[start : start + max_turns] for start in range(0, len(members), max_turns)]
+    return out
+
+
+def group_by_image(samples: list[Sample], max_turns: int) -> list[Sample]:
+    """Merge records about the same image into multi-turn conversations of up to `max_turns` exchanges.
+
+    Single-question datasets (ShapesWorld, VQA-style data) pay for the image tokens once per question; merged,
+    as in LLaVA-Instruct's multi-turn records, they pay once per conversation. Groups keep the order in which
+    records first appear (`image_groups`); the `<image>` placeholder stays in the first turn only. Text-only
+    records and `max_turns <= 1` are left as they are. A group's meta is its first record's. Later turns can
+    read earlier answers; `data.pack_shared_prefix` shares the image without that.
+    """
+    merged = []
+    for chunk in image_groups(samples, max_turns):
+        turns = list(chunk[0].turns)
+        for other in chunk[1:]:
+            turns += [(role, " ".join(text.replace(IMAGE_TOKEN, " ").split()) if role == "user" else text)
+                      for role, text in other.turns]
+        merged.append(Sample(id=chunk[0].id if len(chunk) == 1 else "+".join(str(s.id) for s in chunk),
+                             image=chunk[0].image, turns=turns, meta=dict(chunk[0].meta)))
     return merged
 
 

@@ -196,6 +196,19 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         return embeds.masked_scatter(image_mask[..., None].to(embeds.device), flat), image_mask
 
     # --- the LLM side ----------------------------------------------------------------------------------------
+    def _custom_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A 4D boolean attention mask (True: attend; the collator's packed sequences) in the form the LLM's
+        attention takes it: as it is for SDPA, additive for eager attention."""
+        implementation = self.language_model.config._attn_implementation
+        if implementation == "sdpa":
+            return mask
+        if implementation == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        raise ValueError(
+            f"Packed sequences need a 4D attention mask, which {implementation!r} attention does not take; "
+            "load the LLM with attn_implementation='sdpa' or 'eager'."
+        )
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head plus the output transforms some families apply (Gemma 2/3 soft-capping, Cohere/Granite scales)."""
         logits = self.get_output_embeddings()(hidden)
@@ -251,6 +264,8 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         self.shortcuts.prepare(
             image_mask, None if features is None else features.shortcuts.flatten(1, 2), shortcut_scales, ratios
         )
+        if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.dtype == torch.bool:
+            attention_mask = self._custom_mask(attention_mask, inputs_embeds.dtype)
         try:
             outputs = self.language_model.base_model(
                 inputs_embeds=inputs_embeds,

@@ -42,7 +42,7 @@ from .adapters import LORA_DEFAULTS, inject_lora, save_without_base
 from .build import build, is_checkpoint, load_model
 from .charts import line_chart
 from .data import Collator, ConversationDataset
-from .llava_format import group_by_image, load_llava_json
+from .llava_format import group_by_image, image_groups, load_llava_json
 from .modeling import SparseCutForConditionalGeneration
 from .pretrain_vision import VisionPretrainConfig, pretrain_vision
 from .shapesworld import generate_dataset
@@ -89,6 +89,10 @@ class StageConfig:
     group_turns: int = 1
     """Merge up to this many training records about the same image into one multi-turn conversation
     (`llava_format.group_by_image`): the image tokens are then paid once per conversation. 1: as recorded."""
+    independent_turns: bool = False
+    """With `group_turns`: pack the grouped records into one sequence that holds the image once, each record
+    seeing the image and the prompt prefix but not the others (`data.pack_shared_prefix`), instead of one
+    multi-turn conversation in which later answers can be read off earlier ones."""
     max_length: int | None = None
     """Truncate conversations to this many tokens (never through an image)."""
     eval_samples: int | None = 256
@@ -233,9 +237,12 @@ def _loader(
         if not samples:
             raise ValueError(f"Stage {stage.name!r}: no record of {path} has a family in {stage.families}.")
     samples = samples[:limit]
-    if shuffle:  # training data
-        samples = group_by_image(samples, stage.group_turns)
-    dataset = ConversationDataset(samples, processor, stage.max_length)
+    if shuffle and stage.independent_turns:  # training data
+        dataset = ConversationDataset.packed(image_groups(samples, stage.group_turns), processor, stage.max_length)
+    else:
+        if shuffle:
+            samples = group_by_image(samples, stage.group_turns)
+        dataset = ConversationDataset(samples, processor, stage.max_length)
     if shuffle:
         lengths = [len(item.input_ids) for item in dataset.items]
         batches = LengthGroupedBatches(lengths, stage.batch_size, seed)

@@ -61,7 +61,8 @@ def test_two_stages_lower_the_loss_and_reload(tmp_path, shapes):
         shapes,
         [
             {**common, "name": "align", "train": ["fusion", "gates"], "max_steps": 10, "learning_rate": 3e-3},
-            {**common, "name": "instruct", "train": ["fusion", "gates", "llm"], "max_steps": 20, "learning_rate": 3e-3},
+            {**common, "name": "instruct", "train": ["fusion", "gates", "llm"], "max_steps": 20, "learning_rate": 3e-3,
+             "group_turns": 2, "independent_turns": True},
         ],
     )
     final = train(str(path))
@@ -289,3 +290,99 @@ def test_training_images_can_carry_more_questions_than_test_images(tmp_path):
     # An existing split made with another count is not silently reused.
     with pytest.raises(ValueError, match="questions per image"):
         prepare_shapesworld(str(tmp_path), train_images=3, test_images=2, image_size=32)
+
+
+def test_branch_attention_shares_the_prefix_only():
+    from sparsecut.data import branch_attention
+
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1] * 8]).bool()
+    mask, positions = branch_attention(segments, valid)
+    assert mask.shape == (2, 1, 8, 8)
+    assert positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4, 0]  # branch 2 continues from the prefix, like branch 1
+    assert mask[0, 0, 5].tolist() == [True, True, False, False, True, True, False, False]
+    assert mask[0, 0, 7].tolist() == [False] * 7 + [True]  # padding sees itself only (no NaN rows)
+    # Unpacked rows are plain causal sequences.
+    assert torch.equal(mask[1, 0], torch.ones(8, 8, dtype=torch.bool).tril())
+    assert positions[1].tolist() == list(range(8))
+
+
+def _questions_about_one_image(tmp_path):
+    from PIL import Image
+
+    from sparsecut.llava_format import Sample
+
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(image)
+    qa = [("What colour is the circle?", "red"), ("Describe the image.", "a large red circle at the top left"),
+          ("How many squares are there?", "0")]
+    return [Sample(id=f"q{i}", image=str(image), turns=[("user", "<image>\n" + q), ("assistant", a)])
+            for i, (q, a) in enumerate(qa)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_questions_are_computed_as_if_each_was_asked_alone(tmp_path, attention):
+    from sparsecut.data import IGNORE_INDEX, Collator, ConversationDataset, encode_sample
+    from sparsecut.llava_format import group_by_image, image_groups
+    from sparsecut.testing import tiny_model
+
+    model, processor = tiny_model()
+    model.language_model.set_attn_implementation(attention)
+    samples = _questions_about_one_image(tmp_path)
+    collate = Collator(processor)
+    packed = ConversationDataset.packed(image_groups(samples, 8), processor).items
+    assert len(packed) == 1 and packed[0].input_ids.count(processor.image_token_id) == processor.num_image_tokens
+
+    def answer_logits(items):
+        batch = collate(items)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        # Logits that predict each supervised token, in order.
+        return logits[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
+
+    alone = answer_logits([encode_sample(sample, processor) for sample in samples])
+    together = answer_logits(packed)
+    assert together.shape == alone.shape
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    # Merged into one conversation instead, later answers see earlier ones: their logits change.
+    merged = answer_logits([encode_sample(group_by_image(samples, 8)[0], processor)])
+    assert not torch.allclose(merged[-3:], alone[-3:], atol=1e-3)
+
+
+def test_packing_refuses_what_it_cannot_share(tmp_path):
+    from sparsecut.data import encode_sample, pack_shared_prefix
+    from sparsecut.llava_format import Sample
+    from sparsecut.testing import tiny_model
+
+    _, processor = tiny_model()
+    one, two, _ = (encode_sample(s, processor) for s in _questions_about_one_image(tmp_path))
+    with pytest.raises(ValueError, match="one and the same image"):
+        pack_shared_prefix([one, encode_sample(Sample(id="o", image="other.png", turns=[
+            ("user", "<image>\nColour?"), ("assistant", "red")]), processor)], processor.image_token_id)
+    late = encode_sample(Sample(id="l", image=one.image, turns=[("user", "Hi"), ("assistant", "hello"),
+                                                                ("user", "<image>\nColour?"), ("assistant", "red")]),
+                         processor)
+    with pytest.raises(ValueError, match="outside the shared prefix"):
+        pack_shared_prefix([one, late], processor.image_token_id)
+
+
+def test_independent_turns_pack_each_images_questions(tmp_path, shapes):
+    from sparsecut.data import IGNORE_INDEX
+    from sparsecut.testing import tiny_model
+    from sparsecut.train import _loader
+
+    train_json, _ = shapes
+    records = json.loads(open(train_json).read())
+    _, processor = tiny_model()
+    stage = StageConfig(name="x", data=str(train_json), batch_size=4, group_turns=8, independent_turns=True)
+    loader = _loader(str(train_json), None, processor, stage, shuffle=True, seed=0)
+    items = loader.dataset.items
+    assert len(items) == len({r["image"] for r in records})  # one packed sequence per image
+    for item in items:
+        assert item.input_ids.count(processor.image_token_id) == processor.num_image_tokens
+        answers = {r["conversations"][1]["value"] for r in records if item.image.endswith(r["image"])}
+        supervised = processor.tokenizer.decode([t for t, label in zip(item.input_ids, item.labels)
+                                                 if label != IGNORE_INDEX])
+        assert set(supervised.split("<|im_end|>\n")) - {""} == answers
+    batch = next(iter(loader))
+    assert batch["attention_mask"].ndim == 4 and batch["position_ids"].shape == batch["input_ids"].shape
