@@ -144,14 +144,13 @@ def branch_attention(segments: torch.Tensor, valid: torch.Tensor) -> tuple[torch
     """
     length = segments.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
-    mask = causal & same & valid[:, None, :] & valid[:, :, None]
+    same_branch = (segments[:, :, None] == segments[:, None, :]) & causal
+    mask = (same_branch | (causal & (segments[:, None, :] == 0))) & valid[:, None, :] & valid[:, :, None]
     mask |= torch.eye(length, dtype=torch.bool)
     prefix = ((segments == 0) & valid).sum(-1, keepdim=True)
     index = torch.arange(length).expand_as(segments)
-    # Position within the branch: count earlier tokens of the same branch.
-    within = ((segments[:, :, None] == segments[:, None, :]) & causal).sum(-1) - 1
-    positions = torch.where(segments == 0, index, prefix + within)
+    # Position within the branch: the number of earlier tokens of the same branch.
+    positions = torch.where(segments == 0, index, prefix + same_branch.sum(-1) - 1)
     return mask[:, None], positions * valid
 
 

@@ -4,8 +4,8 @@ For every object of a ShapesWorld split, the image token at the low-res patch un
 from each source the LLM receives: the input tokens that replace `<image>`, and each shortcut's added features.
 A linear classifier per attribute (colour, shape, size, pattern, character, region) is fit on the objects of
 the training images and scored on those of the test images. An attribute the probe cannot read from a source
-is not there in a linearly readable form, whatever the LLM learns: this is how the session-4 notes found that a
-cross-attention fusion averaged the fine detail away (README, "Training and evaluation").
+is not there in a linearly readable form, whatever the LLM learns. The README ("Training and evaluation") gives
+the measurement that showed a cross-attention fusion averaging the crops' fine detail away.
 """
 
 from __future__ import annotations
