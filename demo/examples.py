@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
-FAMILIES = ("colour", "shape", "count", "character")
+FAMILIES = ("colour", "shape", "count", "character", "pattern")
 IMAGE_SIZE = 128
 
 

@@ -1,6 +1,6 @@
 """Retake the README's screenshot of the running demo (assets/screenshot.png) with a headless Chromium.
 
-python -m demo.screenshot                       # the default model in weights/, the "character" example
+python -m demo.screenshot                       # the default model in weights/, the "pattern" example
 python -m demo.screenshot --model tiny --example colour --out /tmp/shot.png
 
 Serves the demo on loopback, uploads an example scene, asks its question, waits for the streamed answer and the
@@ -62,7 +62,7 @@ def take(model: str | None, example_family: str, out: Path, timeout_s: float = 3
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint path, or tiny (default: weights/)")
-    parser.add_argument("--example", default="character", help="family of the example scene to ask about")
+    parser.add_argument("--example", default="pattern", help="family of the example scene to ask about")
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "screenshot.png")
     args = parser.parse_args(argv)
     answer = take(args.model, args.example, args.out)

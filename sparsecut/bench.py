@@ -81,11 +81,11 @@ QUANTIZED = ("8bit", "4bit")
 PROMPT = "Describe this image in detail."
 IMAGE_SIZE = (640, 480)  # a photo-sized input, so preprocessing does a real resize
 
-# The planned default model (weights/ is trained by `sparsecut train`); benchmarked with random encoder and
-# fusion weights and the real SmolLM2-135M-Instruct while weights/ does not exist yet.
-# The stage-0 encoder of the default recipe (configs/default.yaml), so the default shape is the shipped one's.
-DEFAULT_VISION = DEFAULT_ENCODER
-DEFAULT_SPARSECUT = dict(fusion="cross_attention", high_res_grid=2, schedule="uniform:4", fusion_num_heads=4)
+# Without a checkpoint (no weights/ and no --model), the default model's shape (configs/default.yaml) with random
+# encoder and fusion weights and the real SmolLM2-135M-Instruct.
+DEFAULT_VISION = {**DEFAULT_ENCODER, "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6,
+                  "num_attention_heads": 6}
+DEFAULT_SPARSECUT = dict(fusion="concat_mlp", high_res_grid=2, schedule="uniform:4", fusion_num_heads=4)
 # CLIP ViT-L/14-336 + Llama-2-7B shapes (LLaVA-1.5-7B), random weights built from configs: nothing downloaded.
 SEVEN_B_VISION = dict(
     hidden_size=1024,

@@ -173,6 +173,8 @@ def to_markdown(scores: dict) -> str:
 
     lines = ["| family | " + " | ".join(title for _, title in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
-    rows = [*scores["families"].items(), ("**overall**", scores["overall"])]
+    rows = list(scores["families"].items())
+    if scores["overall"]["n"]:  # no overall row when only descriptions were scored
+        rows.append(("**overall**", scores["overall"]))
     lines += [f"| {name} | " + " | ".join(cell(m, key) for key, _ in columns) + " |" for name, m in rows]
     return "\n".join(lines)

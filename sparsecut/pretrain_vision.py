@@ -44,6 +44,11 @@ class VisionPretrainConfig:
     """Seed of the scene stream and the weights (scenes use the 'pretrain' split, disjoint from train/test)."""
     encoder: dict | None = None
     """SiglipVisionConfig arguments (default: 4 layers, hidden 128, 64 px input, 8 px patches)."""
+    num_workers: int = 0
+    """Processes rendering scenes (rendering, ~10 ms a scene, bounds a GPU run). 0: in the training process.
+    Each worker draws its own seeded scene stream, so a run is reproducible for a given number of workers."""
+    device: str = "auto"
+    """"auto" (CUDA if available, with bf16 autocast), "cuda" or "cpu"."""
 
 
 DEFAULT_ENCODER = dict(
@@ -113,6 +118,22 @@ def make_batch(rng: random.Random, batch_size: int, size: int, grid: int, side: 
     return pixel_values, torch.from_numpy(np.concatenate(occupied)), picks
 
 
+class SceneBatches(torch.utils.data.IterableDataset):
+    """An endless stream of `make_batch` batches; each DataLoader worker renders its own seeded stream."""
+
+    def __init__(self, seed: int, batch_size: int, size: int, grid: int, side: int):
+        self.seed, self.args = seed, (batch_size, size, grid, side)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rng = random.Random(f"pretrain-{self.seed}" if worker is None else f"pretrain-{self.seed}-{worker.id}")
+        while True:
+            pixel_values, occupied, picks = make_batch(rng, *self.args)
+            yield pixel_values, occupied, torch.tensor([[row, patch, int(crop)] for row, patch, _, crop in picks]), {
+                name: torch.tensor([labels[name] for _, _, labels, _ in picks]) for name in ATTRIBUTES
+            }
+
+
 def pretrain_vision(config: VisionPretrainConfig, out_dir: str | Path) -> Path:
     """Train the encoder and save it (transformers format) to out_dir; returns out_dir."""
     out = Path(out_dir)
@@ -125,20 +146,27 @@ def pretrain_vision(config: VisionPretrainConfig, out_dir: str | Path) -> Path:
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, config.steps // 20), config.steps)
     size, grid = encoder_config.image_size, config.high_res_grid
     side = size // encoder_config.patch_size
-    rng = random.Random(f"pretrain-{config.seed}")
-    progress = tqdm(range(config.steps), desc="stage 0: vision encoder")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if config.device == "auto" else config.device)
+    encoder.to(device)
+    heads.to(device)
+    batches = torch.utils.data.DataLoader(
+        SceneBatches(config.seed, config.batch_size, size, grid, side), batch_size=None,
+        num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,
+    )
+    progress = tqdm(zip(range(config.steps), batches), total=config.steps, desc="stage 0: vision encoder")
     log, started = [], time.perf_counter()
-    for step in progress:
-        pixel_values, occupied, picks = make_batch(rng, config.batch_size, size, grid, side)
-        tokens = encoder(pixel_values=pixel_values).last_hidden_state  # (B*V, side*side, d)
+    for step, (pixel_values, occupied, picks, labels) in progress:
+        pixel_values, occupied, picks = pixel_values.to(device), occupied.to(device), picks.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            tokens = encoder(pixel_values=pixel_values).last_hidden_state  # (B*V, side*side, d)
+        tokens = tokens.float()
         loss = F.binary_cross_entropy_with_logits(heads.occupancy(tokens).squeeze(-1), occupied)
-        rows = torch.tensor([p[0] for p in picks])
-        patches = torch.tensor([p[1] for p in picks])
-        picked = tokens[rows, patches]  # (objects, d)
-        in_crop = torch.tensor([p[3] for p in picks])
+        picked = tokens[picks[:, 0], picks[:, 1]]  # (objects, d)
+        in_crop = picks[:, 2].bool()
         accuracy = {}
         for name, head in heads.attributes.items():
-            target = torch.tensor([p[2][name] for p in picks])
+            target = labels[name].to(device)
             logits = head(picked)
             loss = loss + F.cross_entropy(logits, target)
             correct = (logits.argmax(-1) == target).float()
@@ -156,13 +184,13 @@ def pretrain_vision(config: VisionPretrainConfig, out_dir: str | Path) -> Path:
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        log.append({"step": step + 1, "loss": float(loss), **accuracy})
+        log.append({"step": step + 1, "loss": loss.item(), **accuracy})
         progress.set_postfix(
-            loss=f"{float(loss):.3f}",
+            loss=f"{loss.item():.3f}",
             crop_pattern=f"{accuracy['crop_pattern']:.2f}",
             crop_glyph=f"{accuracy['crop_glyph']:.2f}",
         )
-    encoder.save_pretrained(out)
+    encoder.cpu().save_pretrained(out)
     (out / "pretrain_log.json").write_text(
         json.dumps({"seconds": time.perf_counter() - started, "config": config.__dict__, "log": log[-50:]}, indent=1)
     )

@@ -103,6 +103,8 @@ class StageConfig:
     """Steps between resumable checkpoints (0: only at the end)."""
     gradient_checkpointing: bool = False
     """Recompute LLM activations in backward to save memory."""
+    num_workers: int = 0
+    """DataLoader worker processes (they read and resize the images); 0: in the training process."""
 
     def __post_init__(self):
         unknown = set(self.train) - set(TRAINABLE_PARTS)
@@ -246,8 +248,12 @@ def _loader(
     if shuffle:
         lengths = [len(item.input_ids) for item in dataset.items]
         batches = LengthGroupedBatches(lengths, stage.batch_size, seed)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=Collator(processor))
-    return DataLoader(dataset, batch_size=stage.batch_size, collate_fn=Collator(processor))
+        return DataLoader(
+            dataset, batch_sampler=batches, collate_fn=Collator(processor), num_workers=stage.num_workers
+        )
+    return DataLoader(
+        dataset, batch_size=stage.batch_size, collate_fn=Collator(processor), num_workers=stage.num_workers
+    )
 
 
 class LengthGroupedBatches(Sampler):

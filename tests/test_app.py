@@ -259,8 +259,8 @@ def test_app_without_bitsandbytes_falls_back_to_no_quantization_and_says_so(tmp_
     )
 
 
-@pytest.mark.skipif(TRAINED, reason="a default model exists in weights/")
-def test_app_without_a_default_model_says_so_and_exits(capsys):
+def test_app_without_a_default_model_says_so_and_exits(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.import_module("sparsecut.build"), "DEFAULT_WEIGHTS", tmp_path)  # an empty weights/
     with pytest.raises(SystemExit) as exit_info:
         app.main([])
     assert exit_info.value.code == 1
@@ -269,8 +269,8 @@ def test_app_without_a_default_model_says_so_and_exits(capsys):
 
 @pytest.mark.skipif(not TRAINED, reason="needs the trained default model in weights/ (weights/config.json)")
 def test_the_trained_model_answers_shapesworld_questions():
-    examples = [e for e in load_examples() if e.family in ("colour", "shape", "count")]
+    examples = [e for e in load_examples() if e.family in ("colour", "shape", "count", "pattern")]
     with serving(ChatEngine.load(None, max_new_tokens=16)) as address:
         replies = [ask(client(address), e.question, e.image) for e in examples]
     right = [e.answer.lower() in reply.lower() for e, reply in zip(examples, replies)]
-    assert sum(right) >= 2, list(zip([e.question for e in examples], [e.answer for e in examples], replies))
+    assert sum(right) >= 3, list(zip([e.question for e in examples], [e.answer for e in examples], replies))

@@ -125,6 +125,9 @@ def test_score_and_markdown_by_hand():
     assert table[0].startswith("| family | n | accuracy |") and len(table) == 2 + 3 + 1
     assert "| colour | 4 | 0.750 | – |" in table[2]
     assert table[-1].startswith("| **overall** | 8 | 0.625 |")
+    # Descriptions alone: no short answers, so no overall accuracy row (it would read 0.000 over 0 questions).
+    only = to_markdown(score([{"family": "description", "prediction": GOLD, "answer": GOLD}])).splitlines()
+    assert len(only) == 3 and only[-1].startswith("| description |")
 
 
 def test_descriptions_of_rendered_scenes_parse_back():

@@ -45,3 +45,27 @@ def test_stage_zero_scenes_always_carry_a_character():
     scenes = [sample_scene_with_character(rng) for _ in range(20)]
     assert all(any(obj.char for obj in scene.objects) for scene in scenes)
     assert len({scene.objects for scene in scenes}) == 20  # still a stream of different scenes
+
+
+def test_scene_batches_are_seeded_per_worker():
+    import itertools
+
+    import torch
+
+    from sparsecut.pretrain_vision import SceneBatches
+
+    def first(stream, n=2):
+        return [batch for batch in itertools.islice(stream, n)]
+
+    in_process = first(iter(SceneBatches(seed=1, batch_size=2, size=64, grid=2, side=8)))
+    again = first(iter(SceneBatches(seed=1, batch_size=2, size=64, grid=2, side=8)))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(in_process, again))
+    pixels, occupied, picks, labels = in_process[0]
+    assert pixels.shape == (2 * 5, 3, 64, 64) and occupied.shape == (10, 64)
+    assert picks.shape[1] == 3 and all(len(labels[name]) == len(picks) for name in labels)
+    # Two workers: each renders its own stream (no batch twice), and the run is repeatable.
+    loader = torch.utils.data.DataLoader(SceneBatches(1, 2, 64, 2, 8), batch_size=None, num_workers=2)
+    from_workers = first(loader, 4)
+    assert not torch.equal(from_workers[0][0], from_workers[1][0])
+    repeated = first(torch.utils.data.DataLoader(SceneBatches(1, 2, 64, 2, 8), batch_size=None, num_workers=2), 4)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(from_workers, repeated))

@@ -62,7 +62,7 @@ def test_two_stages_lower_the_loss_and_reload(tmp_path, shapes):
         [
             {**common, "name": "align", "train": ["fusion", "gates"], "max_steps": 10, "learning_rate": 3e-3},
             {**common, "name": "instruct", "train": ["fusion", "gates", "llm"], "max_steps": 20, "learning_rate": 3e-3,
-             "group_turns": 2, "independent_turns": True},
+             "group_turns": 2, "independent_turns": True, "num_workers": 1},  # images read in a worker process
         ],
     )
     final = train(str(path))
