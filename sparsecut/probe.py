@@ -1,7 +1,8 @@
 """Linear probes: which object attributes reach the LLM through the image tokens (`sparsecut probe MODEL`).
 
 For every object of a ShapesWorld split, the image token at the low-res patch under the object's centre is read
-from each source the LLM receives: the input tokens that replace `<image>`, and each shortcut's added features.
+from each source the LLM receives: the input tokens that replace `<image>`, and each shortcut's added features;
+and from what the fusion's projector receives for them, to tell what the projector drops.
 A linear classifier per attribute (colour, shape, size, pattern, character, region) is fit on the objects of
 the training images and scored on those of the test images. An attribute the probe cannot read from a source
 is not there in a linearly readable form, whatever the LLM learns. The README ("Training and evaluation") gives
@@ -30,26 +31,43 @@ def centre_patch(x: float, y: float, side: int) -> int:
 @torch.no_grad()
 def object_tokens(model, processor, data_dir: str | Path, split: str, n_images: int, batch_size: int = 32):
     """(features, objects) for the objects of the first `n_images` images of `split`: features maps each
-    source ("input", "shortcut v->l") to a (n_objects, D) tensor; objects are the scene graph's dicts."""
+    source to a (n_objects, D) tensor; objects are the scene graph's dicts.
+
+    Sources: "projector input" (what the fusion's projector receives for the feature layer: for concat_mlp the
+    low-res token with its grid x grid high-res tokens, for cross_attention the attended token, for none the
+    low-res token; left out for the appended-tokens baseline), "input" (the LLM input tokens) and
+    "shortcut v->l" (each shortcut's added features). Comparing the first two shows what the projector keeps."""
     data_dir = Path(data_dir)
     scenes = json.loads((data_dir / f"{split}_scenes.json").read_text())
     keys = list(scenes)[:n_images]
     config = model.config
+    layers = config.fused_vision_layers
+    feature_slot = layers.index(config.feature_layer % (config.vision_depth + 1))
     pairs = zip(config.shortcut_vision_layers, config.shortcut_llm_layers)
     names = ["input"] + [f"shortcut {v}->{lm}" for v, lm in pairs]
-    features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    keep_projector_input = not config.append_high_res_tokens  # appended tokens are not one per low-res patch
+    sources = ["projector input"] * keep_projector_input + names
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in sources}
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.fusion.projector.register_forward_pre_hook(lambda module, args: captured.update(x=args[0]))
     objects = []
-    for start in tqdm(range(0, len(keys), batch_size), desc=f"probe tokens ({split})", unit="batch"):
-        chunk = keys[start : start + batch_size]
-        pixel_values = processor.preprocess_images([str(data_dir / key) for key in chunk]).to(model.device)
-        image = model.get_image_features(pixel_values.to(model.dtype))
-        for row, key in enumerate(chunk):
-            for obj in scenes[key]["objects"]:
-                index = centre_patch(obj["x"], obj["y"], config.patches_per_side)
-                features["input"].append(image.inputs[row, index].float().cpu())
-                for k, name in enumerate(names[1:]):
-                    features[name].append(image.shortcuts[k, row, index].float().cpu())
-                objects.append(obj)
+    try:
+        for start in tqdm(range(0, len(keys), batch_size), desc=f"probe tokens ({split})", unit="batch"):
+            chunk = keys[start : start + batch_size]
+            pixel_values = processor.preprocess_images([str(data_dir / key) for key in chunk]).to(model.device)
+            image = model.get_image_features(pixel_values.to(model.dtype))
+            before = captured["x"].view(len(layers), len(chunk), *captured["x"].shape[1:])[feature_slot]
+            for row, key in enumerate(chunk):
+                for obj in scenes[key]["objects"]:
+                    index = centre_patch(obj["x"], obj["y"], config.patches_per_side)
+                    if keep_projector_input:
+                        features["projector input"].append(before[row, index].float().cpu())
+                    features["input"].append(image.inputs[row, index].float().cpu())
+                    for k, name in enumerate(names[1:]):
+                        features[name].append(image.shortcuts[k, row, index].float().cpu())
+                    objects.append(obj)
+    finally:
+        hook.remove()
     return {name: torch.stack(rows) for name, rows in features.items()}, objects
 
 

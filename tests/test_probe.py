@@ -34,7 +34,7 @@ def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
     model, processor = tiny_model(schedule="uniform:2")
     monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))
     results = probe(data=str(tmp_path), train_images=12, test_images=6, out_dir=str(tmp_path / "out"))
-    sources = ["input"] + [f"shortcut {v}->{lm}" for v, lm in
+    sources = ["projector input", "input"] + [f"shortcut {v}->{lm}" for v, lm in
                            zip(model.config.shortcut_vision_layers, model.config.shortcut_llm_layers)]
     assert list(results["probes"]) == sources
     scenes = json.loads((tmp_path / "test_scenes.json").read_text())
@@ -43,3 +43,29 @@ def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
         assert {"colour", "shape", "region"} <= set(scores) and all(0.0 <= v <= 1.0 for v in scores.values())
     assert json.loads((tmp_path / "out" / "probe.json").read_text()) == results
     assert "| input |" in (tmp_path / "out" / "probe.md").read_text()
+
+
+def test_projector_input_is_the_feature_layers_low_res_token_with_its_high_res_neighbours(tmp_path):
+    from sparsecut.probe import centre_patch, object_tokens
+    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.testing import tiny_model
+    from sparsecut.vision import encode_layers
+
+    generate_dataset(tmp_path, n_images=3, seed=0, image_size=64, questions_per_image=1, split="test")
+    model, processor = tiny_model(fusion="concat_mlp", schedule="uniform:2")
+    features, objects = object_tokens(model, processor, tmp_path, "test", 3)
+    config = model.config
+    d, g = config.vision_config.hidden_size, config.high_res_grid**2
+    assert features["projector input"].shape == (len(objects), d * (1 + g))
+    # Its first d entries: the normalised low-res token of the feature layer under the first object's centre.
+    scenes = json.loads((tmp_path / "test_scenes.json").read_text())
+    key = next(iter(scenes))
+    pixel_values = processor.preprocess_images([str(tmp_path / key)])
+    feature = config.feature_layer % (config.vision_depth + 1)
+    with torch.no_grad():
+        tokens = encode_layers(model.vision_tower, pixel_values.flatten(0, 1), [feature], config.patches_per_side**2)
+        low = model.fusion.input_norm(tokens[0, 0])  # layer 0 of [feature], view 0 (low-res): (P, d)
+    obj = scenes[key]["objects"][0]
+    index = centre_patch(obj["x"], obj["y"], config.patches_per_side)
+    torch.testing.assert_close(features["projector input"][0, :d], low[index], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(features["projector input"][0, :d], features["projector input"][0, d : 2 * d])
