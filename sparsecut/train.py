@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections import Counter
@@ -82,6 +83,10 @@ class StageConfig:
     families: list[str] | None = None
     """Train only on records whose `family` field is one of these (ShapesWorld writes one per record); None:
     all records."""
+    family_weights: dict[str, float] | None = None
+    """Sampling weight per question family in the training data: a record of a family with weight w appears
+    int(w) times, plus once more with probability w - int(w) (seeded), so a hard family can count for more
+    without training on it alone; unnamed families keep weight 1, 0 drops one. None: as recorded."""
     warmup_ratio: float = 0.03
     """Share of the steps spent warming the learning rate up."""
     weight_decay: float = 0.0
@@ -110,6 +115,9 @@ class StageConfig:
         unknown = set(self.train) - set(TRAINABLE_PARTS)
         if unknown:
             raise ValueError(f"Stage {self.name!r}: unknown trainable parts {sorted(unknown)}; use {TRAINABLE_PARTS}.")
+        negative = {family: w for family, w in (self.family_weights or {}).items() if not w >= 0}
+        if negative:
+            raise ValueError(f"Stage {self.name!r}: family weights must be >= 0, got {negative}.")
 
 
 @dataclass
@@ -238,6 +246,10 @@ def _loader(
         samples = [sample for sample in samples if sample.meta.get("family") in stage.families]
         if not samples:
             raise ValueError(f"Stage {stage.name!r}: no record of {path} has a family in {stage.families}.")
+    if shuffle and stage.family_weights:
+        samples = reweight_families(samples, stage.family_weights, seed)
+        if not samples:
+            raise ValueError(f"Stage {stage.name!r}: family_weights {stage.family_weights} leave no record of {path}.")
     samples = samples[:limit]
     if shuffle and stage.independent_turns:  # training data
         dataset = ConversationDataset.packed(image_groups(samples, stage.group_turns), processor, stage.max_length)
@@ -254,6 +266,17 @@ def _loader(
     return DataLoader(
         dataset, batch_size=stage.batch_size, collate_fn=Collator(processor), num_workers=stage.num_workers
     )
+
+
+def reweight_families(samples: list, weights: dict[str, float], seed: int) -> list:
+    """Each record repeated by its family's weight (`StageConfig.family_weights`), in place, so that an image's
+    records stay together; a fractional part is a seeded coin toss per record."""
+    rng = random.Random(f"family-weights-{seed}")
+    out = []
+    for sample in samples:
+        weight = weights.get(sample.meta.get("family"), 1.0)
+        out += [sample] * (int(weight) + (rng.random() < weight - int(weight)))
+    return out
 
 
 class LengthGroupedBatches(Sampler):

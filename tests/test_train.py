@@ -386,3 +386,33 @@ def test_independent_turns_pack_each_images_questions(tmp_path, shapes):
         assert set(supervised.split("<|im_end|>\n")) - {""} == answers
     batch = next(iter(loader))
     assert batch["attention_mask"].ndim == 4 and batch["position_ids"].shape == batch["input_ids"].shape
+
+
+def test_family_weights_repeat_a_familys_records_next_to_their_image(tmp_path, shapes):
+    from collections import Counter
+
+    from sparsecut.testing import tiny_model
+    from sparsecut.train import _loader
+
+    train_json, _ = shapes
+    recorded = Counter(record["family"] for record in json.loads(open(train_json).read()))
+    up, dropped, half = sorted(recorded)[:3]
+    _, processor = tiny_model()
+
+    def loaded(weights, seed=0):
+        stage = StageConfig(name="x", data=str(train_json), family_weights=weights, batch_size=2)
+        return _loader(str(train_json), None, processor, stage, shuffle=True, seed=seed).dataset.samples
+
+    samples = loaded({up: 3, dropped: 0, half: 0.5})
+    counts = Counter(sample.meta["family"] for sample in samples)
+    assert counts[up] == 3 * recorded[up] and dropped not in counts
+    assert 0 <= counts[half] <= recorded[half]
+    assert all(counts[f] == recorded[f] for f in recorded if f not in (up, dropped, half))
+    repeated = [i for i in range(1, len(samples)) if samples[i] == samples[i - 1]]
+    assert len(repeated) == 2 * recorded[up]  # each copy right after its record: an image's records stay together
+    again = loaded({up: 3, dropped: 0, half: 0.5})
+    assert [s.meta["family"] for s in again] == [s.meta["family"] for s in samples]  # the coin tosses are seeded
+    with pytest.raises(ValueError, match=">= 0"):
+        StageConfig(name="x", data="d.json", family_weights={up: -1})
+    with pytest.raises(ValueError, match="leave no record"):
+        loaded({family: 0 for family in recorded})
