@@ -257,15 +257,11 @@ def _loader(
         if shuffle:
             samples = group_by_image(samples, stage.group_turns)
         dataset = ConversationDataset(samples, processor, stage.max_length)
+    common = {"collate_fn": Collator(processor), "num_workers": stage.num_workers}
     if shuffle:
         lengths = [len(item.input_ids) for item in dataset.items]
-        batches = LengthGroupedBatches(lengths, stage.batch_size, seed)
-        return DataLoader(
-            dataset, batch_sampler=batches, collate_fn=Collator(processor), num_workers=stage.num_workers
-        )
-    return DataLoader(
-        dataset, batch_size=stage.batch_size, collate_fn=Collator(processor), num_workers=stage.num_workers
-    )
+        return DataLoader(dataset, batch_sampler=LengthGroupedBatches(lengths, stage.batch_size, seed), **common)
+    return DataLoader(dataset, batch_size=stage.batch_size, **common)
 
 
 def reweight_families(samples: list, weights: dict[str, float], seed: int) -> list:
