@@ -3,8 +3,12 @@
 The experiment yaml names a training config (`base`) and the variants, each a set of `SparseCutConfig` overrides
 on top of it; every variant then runs the same stages, data, steps and seed, and is scored on the same held-out
 split. `stages` overrides stage fields for every variant alike (the shared budget): a key naming a stage holds
-that stage's overrides, other keys apply to every stage. Results go to
-`output_dir/results.json` and `results.md`: per-family accuracy and the LLM input tokens of each variant.
+that stage's overrides, other keys apply to every stage; `skip_stages` leaves stages of the recipe out for every
+variant (a small budget is better spent on the stage that trains the LLM's adapters); `probe` (the arguments of
+`sparsecut.probe.probe` but the model) also fits linear probes on each variant's LLM input tokens and shortcut
+features, which show what detail reaches the LLM even where the budget is too small for the LLM to learn to read
+it. Results go to `output_dir/results.json` and `results.md`: per-family accuracy and the LLM input tokens of
+each variant (and the probes).
 
     # sparsecut experiment configs/compare.yaml
     base: default.yaml
@@ -26,28 +30,39 @@ from pathlib import Path
 import yaml
 
 from .evaluate import evaluate
+from .probe import probe
 from .train import TrainConfig, train
 
 FINE_DETAIL = ("pattern", "character")
 """The ShapesWorld families whose answers are only legible at high resolution."""
 
 
-def variant_config(raw_base: dict, base_dir: Path, name: str, overrides: dict, stages: dict, out: Path) -> TrainConfig:
+def variant_config(
+    raw_base: dict, base_dir: Path, name: str, overrides: dict, stages: dict, out: Path, skip: list[str] = ()
+) -> TrainConfig:
     """The base training config with a variant's model overrides, the shared stage overrides (keys that name a
-    stage hold that stage's overrides; other keys apply to every stage) and its own output directory."""
+    stage hold that stage's overrides; other keys apply to every stage), without the `skip` stages, and with its
+    own output directory."""
     raw = dict(raw_base)
     model = dict(raw.get("model", {}))
     model["config"] = {**model.get("config", {}), **(overrides or {})}
     raw["model"] = model
     names = {stage["name"] for stage in raw["stages"]}
+    unknown = set(skip) - names
+    if unknown or not names - set(skip):
+        raise ValueError(f"skip_stages {list(skip)} must name some, not all, of the recipe's stages {sorted(names)}.")
     common = {key: value for key, value in stages.items() if key not in names}
-    raw["stages"] = [{**stage, **common, **stages.get(stage["name"], {})} for stage in raw["stages"]]
+    raw["stages"] = [
+        {**stage, **common, **stages.get(stage["name"], {})} for stage in raw["stages"] if stage["name"] not in skip
+    ]
     raw["output_dir"] = str(out / name)
     return TrainConfig.from_dict(raw, base_dir)
 
 
-def summarise(name: str, scores: dict, overrides: dict) -> dict:
-    """One row of the results: per-family accuracy (descriptions: exact), the fine-detail mean and the costs."""
+def summarise(name: str, scores: dict, overrides: dict, probes: dict | None = None) -> dict:
+    """One row of the results: per-family accuracy (descriptions: exact), the fine-detail mean, the costs and,
+    with `probes` (a `sparsecut.probe.probe` result), the probe accuracy per attribute at the LLM input tokens and
+    the best over the shortcuts."""
     families = {family: metrics.get("accuracy", metrics.get("exact")) for family, metrics in scores["families"].items()}
     fine = [families[f] for f in FINE_DETAIL if f in families]
     return {
@@ -58,7 +73,18 @@ def summarise(name: str, scores: dict, overrides: dict) -> dict:
         "families": families,
         "fine_detail": sum(fine) / len(fine) if fine else None,
         "short_answer": scores["overall"]["accuracy"],
+        **({"probe": probe_summary(probes)} if probes else {}),
     }
+
+
+def probe_summary(probes: dict) -> dict:
+    """{"input": {attribute: accuracy}, "shortcuts": {attribute: best accuracy over the shortcuts} (empty without
+    shortcuts), "chance": {attribute: majority-class rate}}."""
+    shortcuts = [scores for source, scores in probes["probes"].items() if source.startswith("shortcut")]
+    best = {}
+    if shortcuts:
+        best = {attribute: max(scores[attribute] for scores in shortcuts) for attribute in probes["chance"]}
+    return {"input": probes["probes"]["input"], "shortcuts": best, "chance": probes["chance"]}
 
 
 def to_markdown(rows: list[dict], baseline: str | None) -> str:
@@ -78,7 +104,30 @@ def to_markdown(rows: list[dict], baseline: str | None) -> str:
             if row is not base and row["fine_detail"] is not None:
                 gain = 100 * (row["fine_detail"] - base["fine_detail"])
                 lines.append(f"- {row['variant']}: fine detail {gain:+.1f} points over {baseline}")
+    probed = [row for row in rows if "probe" in row]
+    if probed:
+        lines += ["", *probe_table(probed)]
     return "\n".join(lines) + "\n"
+
+
+def probe_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each variant's probe accuracy per attribute at the LLM input tokens / best shortcut."""
+    attributes = list(rows[0]["probe"]["chance"])
+    lines = ["Linear probes per object (`sparsecut probe`): accuracy at the LLM input tokens / the best over the",
+             "shortcuts' added features (– without shortcuts).", ""]
+    head = ["variant", *attributes]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        found = row["probe"]
+        cells = []
+        for attribute in attributes:
+            shortcut = found["shortcuts"].get(attribute)
+            shortcut_text = "–" if shortcut is None else f"{100 * shortcut:.1f}"
+            cells.append(f"{100 * found['input'][attribute]:.1f} / {shortcut_text}")
+        lines.append("| " + " | ".join([row["variant"], *cells]) + " |")
+    chance = [f"{100 * rows[0]['probe']['chance'][a]:.1f}" for a in attributes]
+    lines.append("| *chance (majority class)* | " + " | ".join(chance) + " |")
+    return lines
 
 
 def experiment(path: str | Path) -> Path:
@@ -93,14 +142,24 @@ def experiment(path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, overrides in spec["variants"].items():
-        config = variant_config(raw_base, base_path.parent, name, overrides, spec.get("stages", {}), out)
+        config = variant_config(raw_base, base_path.parent, name, overrides, spec.get("stages", {}), out,
+                                spec.get("skip_stages", []))
         final = train(config)
         eval_dir = out / name / "eval"
         if (eval_dir / "scores.json").is_file():
             scores = json.loads((eval_dir / "scores.json").read_text())
         else:
             scores = evaluate(str(final), data, str(eval_dir), **evaluation)
-        rows.append(summarise(name, scores, overrides or {}))
+        probes = None
+        if "probe" in spec:
+            probe_dir = out / name / "probe"
+            if (probe_dir / "probe.json").is_file():
+                probes = json.loads((probe_dir / "probe.json").read_text())
+            else:
+                settings = dict(spec["probe"])
+                settings["data"] = str((path.parent / settings.get("data", "../data/shapesworld")).resolve())
+                probes = probe(str(final), out_dir=str(probe_dir), **settings)
+        rows.append(summarise(name, scores, overrides or {}, probes))
         (out / "results.json").write_text(json.dumps({"command": f"sparsecut experiment {path.name}",
                                                       "variants": rows}, indent=2))
     markdown = out / "results.md"

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import yaml
 from test_train import TINY_MODEL, shapes  # noqa: F401  (pytest fixture)
 
 from sparsecut.cli import main
 from sparsecut.configuration import SparseCutConfig
+from sparsecut.experiment import variant_config
 
 
 def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys):  # noqa: F811
@@ -25,6 +27,7 @@ def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys)
         "eval": {"data": str(test_json), "limit": 6, "batch_size": 3, "max_new_tokens": 4},
         "stages": {"align": {"max_steps": 3}, "batch_size": 3},  # the shared budget overrides the base recipe's
         "baseline": "llava",
+        "probe": {"data": str(train_json.parent), "train_images": 8, "test_images": 4},
         "variants": {"sparsecut": {}, "llava": {"fusion": "none", "schedule": "none"}},
     }
     text = "# sparsecut experiment compare.yaml\n" + yaml.safe_dump(spec, sort_keys=False)
@@ -47,8 +50,19 @@ def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys)
     # Same input length: the multi-grained features cost no extra LLM tokens.
     assert rows["sparsecut"]["image_tokens"] == rows["llava"]["image_tokens"] == sparsecut.num_image_tokens
     assert rows["sparsecut"]["llm_input_tokens"] == rows["llava"]["llm_input_tokens"] > sparsecut.num_image_tokens
+    # Probes of what reaches the LLM: at the input tokens for both, through shortcuts for SparseCut only.
+    for name, row in rows.items():
+        saved = json.loads((tmp_path / "runs" / name / "probe" / "probe.json").read_text())
+        assert row["probe"]["input"] == saved["probes"]["input"]
+        assert set(row["probe"]["input"]) == set(row["probe"]["chance"]) >= {"colour", "pattern"}
+    shortcut_sources = [s for s in saved_probes(tmp_path, "sparsecut") if s.startswith("shortcut")]
+    assert len(shortcut_sources) == len(sparsecut.shortcut_llm_layers) > 0
+    best_colour = max(saved_probes(tmp_path, "sparsecut")[s]["colour"] for s in shortcut_sources)
+    assert rows["sparsecut"]["probe"]["shortcuts"]["colour"] == best_colour
+    assert rows["llava"]["probe"]["shortcuts"] == {}
     table = (tmp_path / "runs" / "results.md").read_text()
     assert "| sparsecut |" in table and "| llava |" in table and "points over llava" in table
+    assert "Linear probes" in table and " / –" in table.split("| llava |")[-1]
     out = capsys.readouterr().out
     assert table in out
     assert out.count("3 steps of 3 samples") == 2  # both overrides reached both variants
@@ -57,3 +71,23 @@ def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys)
     before = (tmp_path / "runs" / "llava" / "eval" / "scores.json").stat().st_mtime_ns
     main(["experiment", str(tmp_path / "compare.yaml")])
     assert (tmp_path / "runs" / "llava" / "eval" / "scores.json").stat().st_mtime_ns == before
+
+
+def saved_probes(tmp_path, variant: str) -> dict:
+    return json.loads((tmp_path / "runs" / variant / "probe" / "probe.json").read_text())["probes"]
+
+
+def test_skipped_stages_are_left_out_for_every_variant(tmp_path):
+    stage = {"data": "train.json", "train": ["fusion", "gates"], "max_steps": 50}
+    base = {"output_dir": "unused", "model": TINY_MODEL,
+            "stages": [{"name": "align", **stage}, {"name": "instruct", **stage, "learning_rate": 1e-4}]}
+    shared = {"instruct": {"max_steps": 7}, "batch_size": 3}
+
+    config = variant_config(base, tmp_path, "llava", {"fusion": "none"}, shared, tmp_path / "runs", ["align"])
+
+    assert [s.name for s in config.stages] == ["instruct"]
+    assert (config.stages[0].max_steps, config.stages[0].batch_size, config.stages[0].learning_rate) == (7, 3, 1e-4)
+    assert config.output_dir == str(tmp_path / "runs" / "llava")
+    for skip in (["align", "instruct"], ["alignment"]):  # all stages, or one the recipe does not have
+        with pytest.raises(ValueError, match="skip_stages"):
+            variant_config(base, tmp_path, "llava", {}, shared, tmp_path / "runs", skip)
