@@ -5,16 +5,17 @@ on top of it; every variant then runs the same stages, data, steps and seed, and
 split. `stages` overrides stage fields for every variant alike (the shared budget): a key naming a stage holds
 that stage's overrides, other keys apply to every stage; `skip_stages` leaves stages of the recipe out for every
 variant (a small budget is better spent on the stage that trains the LLM's adapters); `probe` (the arguments of
-`sparsecut.probe.probe` but the model) also fits linear probes on each variant's LLM input tokens and shortcut
-features, which show what detail reaches the LLM even where the budget is too small for the LLM to learn to read
-it. Results go to `output_dir/results.json` and `results.md`: per-family accuracy and the LLM input tokens of
-each variant (and the probes).
+`sparsecut.probe.probe` but the model; `data` relative to the yaml, default ../data/shapesworld) also fits
+linear probes on each variant's LLM input tokens and shortcut features, which show what detail reaches the LLM
+even where the budget is too small for the LLM to learn to read it. Results go to `output_dir/results.json` and
+`results.md`: per-family accuracy and the LLM input tokens of each variant (and the probes).
 
     # sparsecut experiment configs/compare.yaml
     base: default.yaml
     output_dir: ../runs/compare
     eval: {data: ../data/shapesworld/test.json, limit: 1000}
     stages: {align: {max_steps: 20}, instruct: {max_steps: 80}}
+    probe: {train_images: 1000, test_images: 600}
     variants:
       sparsecut: {}
       llava: {fusion: none, schedule: none}
@@ -131,7 +132,8 @@ def probe_table(rows: list[dict]) -> list[str]:
 
 
 def experiment(path: str | Path) -> Path:
-    """Run every variant of an experiment yaml (training, then evaluation); returns the results.md path."""
+    """Run every variant of an experiment yaml (training, evaluation, probes if asked); returns the results.md
+    path."""
     path = Path(path).resolve()
     spec = yaml.safe_load(path.read_text())
     base_path = (path.parent / spec["base"]).resolve()
