@@ -131,6 +131,11 @@ def probe_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def saved_or(path: Path, step, *args, **kwargs) -> dict:
+    """The JSON a finished step saved at `path`, or the result of `step(*args, **kwargs)`, which saves it there."""
+    return json.loads(path.read_text()) if path.is_file() else step(*args, **kwargs)
+
+
 def experiment(path: str | Path) -> Path:
     """Run every variant of an experiment yaml (training, evaluation, probes if asked); returns the results.md
     path."""
@@ -148,19 +153,13 @@ def experiment(path: str | Path) -> Path:
                                 spec.get("skip_stages", []))
         final = train(config)
         eval_dir = out / name / "eval"
-        if (eval_dir / "scores.json").is_file():
-            scores = json.loads((eval_dir / "scores.json").read_text())
-        else:
-            scores = evaluate(str(final), data, str(eval_dir), **evaluation)
+        scores = saved_or(eval_dir / "scores.json", evaluate, str(final), data, str(eval_dir), **evaluation)
         probes = None
         if "probe" in spec:
+            settings = dict(spec["probe"])
+            settings["data"] = str((path.parent / settings.get("data", "../data/shapesworld")).resolve())
             probe_dir = out / name / "probe"
-            if (probe_dir / "probe.json").is_file():
-                probes = json.loads((probe_dir / "probe.json").read_text())
-            else:
-                settings = dict(spec["probe"])
-                settings["data"] = str((path.parent / settings.get("data", "../data/shapesworld")).resolve())
-                probes = probe(str(final), out_dir=str(probe_dir), **settings)
+            probes = saved_or(probe_dir / "probe.json", probe, str(final), out_dir=str(probe_dir), **settings)
         rows.append(summarise(name, scores, overrides or {}, probes))
         (out / "results.json").write_text(json.dumps({"command": f"sparsecut experiment {path.name}",
                                                       "variants": rows}, indent=2))

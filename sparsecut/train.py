@@ -228,7 +228,10 @@ def _backbone(spec):
 
 
 def initial_model(config: TrainConfig):
+    """The model the first stage starts from: a saved one (`init`), or one built from the configured backbones
+    with the new modules (fusion, gates) initialised from `config.seed`."""
     spec = config.model
+    set_seed(config.seed)
     if "init" in spec:
         return load_model(spec["init"], device="cpu")
     # "byte" names the code-built byte tokenizer, for config-only LLMs (tests, toy runs).

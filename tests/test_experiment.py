@@ -68,9 +68,10 @@ def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys)
     assert out.count("3 steps of 3 samples") == 2  # both overrides reached both variants
 
     # A finished experiment is not redone.
-    before = (tmp_path / "runs" / "llava" / "eval" / "scores.json").stat().st_mtime_ns
+    saved = [tmp_path / "runs" / "llava" / "eval" / "scores.json", tmp_path / "runs" / "llava" / "probe" / "probe.json"]
+    before = [path.stat().st_mtime_ns for path in saved]
     main(["experiment", str(tmp_path / "compare.yaml")])
-    assert (tmp_path / "runs" / "llava" / "eval" / "scores.json").stat().st_mtime_ns == before
+    assert [path.stat().st_mtime_ns for path in saved] == before
 
 
 def saved_probes(tmp_path, variant: str) -> dict:

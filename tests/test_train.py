@@ -1,6 +1,7 @@
 """A tiny two-stage training run on ShapesWorld: the loss goes down and the checkpoints reload."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import yaml
 
 from sparsecut import load_model
 from sparsecut.shapesworld import generate_dataset
-from sparsecut.train import StageConfig, TrainConfig, set_trainable, train
+from sparsecut.train import StageConfig, TrainConfig, initial_model, set_trainable, train
 
 TINY_MODEL = {
     "vision": {
@@ -416,3 +417,16 @@ def test_family_weights_repeat_a_familys_records_next_to_their_image(tmp_path, s
         StageConfig(name="x", data="d.json", family_weights={up: -1})
     with pytest.raises(ValueError, match="leave no record"):
         loaded({family: 0 for family in recorded})
+
+
+def test_the_seed_fixes_the_new_modules_initialisation():
+    def fresh(seed):
+        torch.rand(7)  # whatever ran before must not matter
+        config = TrainConfig.from_dict({"output_dir": "unused", "seed": seed, "model": TINY_MODEL,
+                                        "stages": [{"name": "align", "data": "train.json"}]}, Path("."))
+        model, _ = initial_model(config)
+        return {name: value.clone() for name, value in model.state_dict().items() if name.startswith("fusion.")}
+
+    first, again, other = fresh(0), fresh(0), fresh(1)
+    assert first and all(torch.equal(first[name], again[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
