@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .build import load_model
+from .shapesworld import SceneObject, glyph_cut_by_grid
 
 ATTRIBUTES = ("colour", "shape", "size", "pattern", "char", "region")
 
@@ -71,9 +73,9 @@ def object_tokens(model, processor, data_dir: str | Path, split: str, n_images: 
     return {name: torch.stack(rows) for name, rows in features.items()}, objects
 
 
-def fit_probe(x_train, y_train, x_test, y_test, n_classes: int, steps: int = 300, seed: int = 0) -> float:
-    """Test accuracy of a linear softmax classifier fit (Adam, full batch, standardised inputs) on the train
-    split."""
+def probe_predictions(x_train, y_train, x_test, n_classes: int, steps: int = 300, seed: int = 0) -> torch.Tensor:
+    """The classes of x_test (n,) predicted by a linear softmax classifier fit (Adam, full batch, standardised
+    inputs) on the train split."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     generator = torch.Generator().manual_seed(seed)
@@ -86,7 +88,7 @@ def fit_probe(x_train, y_train, x_test, y_test, n_classes: int, steps: int = 300
             F.cross_entropy(x_train @ weight + bias, y_train).backward()
             optimizer.step()
     with torch.no_grad():
-        return float(((x_test @ weight + bias).argmax(-1) == y_test).float().mean())
+        return (x_test @ weight + bias).argmax(-1)
 
 
 def probe(
@@ -98,11 +100,14 @@ def probe(
     device: str = "auto",
 ) -> dict:
     """Probe accuracy per source and attribute, with each attribute's majority-class rate on the test objects
-    ("chance"); characters are probed on the objects that carry one. Writes probe.json and probe.md to `out_dir`
-    (default: `data`/probe)."""
+    ("chance"); characters are probed on the objects that carry one, and scored also apart for the glyphs
+    that the high-res crops' borders cut ("char cut") and those one crop shows whole ("char whole"). Writes
+    probe.json and probe.md to `out_dir` (default: `data`/probe)."""
     loaded, processor = load_model(model, device=device)
     train_x, train_objects = object_tokens(loaded, processor, data, "train", train_images)
     test_x, test_objects = object_tokens(loaded, processor, data, "test", test_images)
+    image_size = Image.open(Path(data) / next(iter(json.loads((Path(data) / "test_scenes.json").read_text())))).width
+    grid = loaded.config.high_res_grid
     results: dict = {"objects": {"train": len(train_objects), "test": len(test_objects)}, "chance": {}, "probes": {}}
     for attribute in ATTRIBUTES:
         train_keep = [i for i, o in enumerate(train_objects) if attribute != "char" or o["char"]]
@@ -113,10 +118,20 @@ def probe(
             continue
         y_train = torch.tensor([values.index(str(train_objects[i][attribute])) for i in train_keep])
         y_test = torch.tensor([values.index(str(test_objects[i][attribute])) for i in test_keep])
-        results["chance"][attribute] = float(torch.bincount(y_test).max()) / len(y_test)
+        # Characters also apart by whether the high-res crops' borders cut their glyph (`glyph_cut_by_grid`).
+        subsets = {attribute: torch.ones(len(test_keep), dtype=torch.bool)}
+        if attribute == "char":
+            cut = torch.tensor([glyph_cut_by_grid(SceneObject(**test_objects[i]), image_size, grid) for i in test_keep])
+            subsets.update({"char whole": ~cut, "char cut": cut})
+        subsets = {name: mask for name, mask in subsets.items() if mask.any()}
+        for name, mask in subsets.items():
+            results["chance"][name] = float(torch.bincount(y_test[mask]).max()) / int(mask.sum())
+            if name != attribute:
+                results["objects"][name] = int(mask.sum())
         for source in train_x:
-            accuracy = fit_probe(train_x[source][train_keep], y_train, test_x[source][test_keep], y_test, len(values))
-            results["probes"].setdefault(source, {})[attribute] = accuracy
+            predicted = probe_predictions(train_x[source][train_keep], y_train, test_x[source][test_keep], len(values))
+            for name, mask in subsets.items():
+                results["probes"].setdefault(source, {})[name] = float((predicted == y_test)[mask].float().mean())
     out = Path(out_dir) if out_dir else Path(data) / "probe"
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(results, indent=2))
@@ -132,4 +147,8 @@ def to_markdown(results: dict) -> str:
     chance = " | ".join(f"{results['chance'][a]:.3f}" for a in attributes)
     lines.append(f"| *chance (majority class)* | {chance} |")
     counts = results["objects"]
-    return "\n".join(lines) + f"\n\nObjects: {counts['train']} to fit, {counts['test']} to score.\n"
+    notes = f"\n\nObjects: {counts['train']} to fit, {counts['test']} to score."
+    if "char cut" in results["chance"] or "char whole" in results["chance"]:
+        notes += (" char whole / char cut: the characters whose glyph one high-res crop shows whole / the crop"
+                  " borders cut (same probe, scored apart).")
+    return "\n".join(lines) + notes + "\n"

@@ -338,6 +338,17 @@ def _label_origin(obj: SceneObject, size: int) -> tuple[int, int]:
     return 2 * round((obj.x * size - _GLYPH_W / 2) / 2), 2 * round((obj.y * size - _GLYPH_H / 2) / 2)
 
 
+def glyph_cut_by_grid(obj: SceneObject, image_size: int, grid: int) -> bool:
+    """Whether the crop borders of a grid x grid high-res view (the image cut into equal tiles) run through the
+    object's glyph, so that no one crop shows all of it. A large object sits in the middle of its cell, so with
+    a 2x2 grid every glyph of the middle row or column is cut (docs/shapesworld.md, "Legibility measurement")."""
+    if obj.char is None:
+        return False
+    gx, gy = _label_origin(obj, image_size)
+    borders = [k * image_size / grid for k in range(1, grid)]
+    return any(gx < b < gx + _GLYPH_W or gy < b < gy + _GLYPH_H for b in borders)
+
+
 def _outline_alpha(obj: SceneObject, size: int) -> tuple[int, int, np.ndarray]:
     """(x0, y0, coverage) of the object's outline: coverage in [0, 1] over the bounding box at (x0, y0)."""
     radius = SIZE_RADIUS[obj.size] * size
@@ -833,7 +844,7 @@ def _glyph_templates(image_size: int, resample: Image.Resampling) -> dict[int, n
 
 
 def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
-                      half_filter: str = "bicubic") -> dict[str, float]:
+                      half_filter: str = "bicubic", high_res_grid: int = 2) -> dict[str, float]:
     """Measure how much fine detail survives in the half-resolution view, over `n_scenes` random scenes.
 
     * `retained_<filter>`: RMS of what the fine layer changes in the half-resolution view made with that PIL
@@ -844,6 +855,9 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
       objects and tested on the other half (chance 0.25).
     * `glyph_accuracy_<view>`: a template matcher that knows where the glyph is and compares it with each
       character rendered the same way and seen in the same view (chance 1/36).
+    * `glyphs_cut`: the share of glyphs that the crop borders of a `high_res_grid` x `high_res_grid` high-res
+      view run through (`glyph_cut_by_grid`), and `glyph_accuracy_crop`: the same template matcher at full
+      resolution, shown only the part of the glyph that the crop holding most of it shows.
 
     The half view of the two classifiers is made with `half_filter`, one of "bicubic", "bilinear", "box",
     "lanczos" and "nearest".
@@ -852,7 +866,7 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
     templates = _glyph_templates(image_size, resample)
     squared = Counter()
     features: dict[int, list[np.ndarray]] = {1: [], 2: []}
-    pattern_labels, glyph_hits, n_glyphs = [], Counter(), 0
+    pattern_labels, glyph_hits, n_glyphs, n_cut = [], Counter(), 0, 0
     for i in range(n_scenes):
         scene = sample_scene(scene_rng(seed, "legibility", i))
         full = render(scene, image_size)
@@ -872,6 +886,10 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
                 for f in (1, 2):
                     crop = _normalised(lum[f][_glyph_window(obj, image_size, f)].ravel())
                     glyph_hits[f] += CHARS[int(np.argmax(templates[f] @ crop))] == obj.char
+                n_cut += glyph_cut_by_grid(obj, image_size, high_res_grid)
+                shown = _largest_crop_part(gx, gy, image_size, high_res_grid).ravel()
+                seen = _normalised(lum[1][_glyph_window(obj, image_size, 1)].ravel()[shown])
+                glyph_hits["crop"] += CHARS[int(np.argmax(_normalised(templates[1][:, shown]) @ seen))] == obj.char
             # A half-resolution pixel is inside if its whole 2x2 block is, less a rim the filter blurs.
             half_inside = _erode(inside.reshape(image_size // 2, 2, image_size // 2, 2).all(axis=(1, 3)))
             if half_inside.sum() >= 4:
@@ -893,5 +911,15 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
         nearest = ((test[:, None] - train[None]) ** 2).sum(-1).argmin(1)
         report[f"pattern_accuracy_{view}"] = float((labels[0::2][nearest] == labels[1::2]).mean())
         report[f"glyph_accuracy_{view}"] = glyph_hits[f] / max(n_glyphs, 1)
+    report["glyphs_cut"] = n_cut / max(n_glyphs, 1)
+    report["glyph_accuracy_crop"] = glyph_hits["crop"] / max(n_glyphs, 1)
     return report
+
+
+def _largest_crop_part(gx: int, gy: int, image_size: int, grid: int) -> np.ndarray:
+    """(_GLYPH_H, _GLYPH_W) mask of the glyph pixels that fall in the grid x grid crop holding most of them."""
+    rows = (np.arange(gy, gy + _GLYPH_H) * grid) // image_size
+    cols = (np.arange(gx, gx + _GLYPH_W) * grid) // image_size
+    tile = rows[:, None] * grid + cols[None, :]
+    return tile == np.bincount(tile.ravel()).argmax()
 

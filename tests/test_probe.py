@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from sparsecut.probe import centre_patch, fit_probe, probe
+from sparsecut.probe import centre_patch, probe, probe_predictions
 
 
 def test_centre_patch_is_the_patch_under_the_point():
@@ -20,8 +20,12 @@ def test_a_probe_reads_what_is_there_and_not_what_is_not():
     noise = torch.randn(400, 16, generator=generator)
     carries = noise.clone()
     carries[torch.arange(400), labels] += 3.0  # each class raises a channel of its own: linearly readable
-    assert fit_probe(carries[:300], labels[:300], carries[300:], labels[300:], 4) > 0.9
-    assert fit_probe(noise[:300], labels[:300], noise[300:], labels[300:], 4) < 0.45  # chance: 0.25
+
+    def accuracy(x):
+        return float((probe_predictions(x[:300], labels[:300], x[300:], 4) == labels[300:]).float().mean())
+
+    assert accuracy(carries) > 0.9
+    assert accuracy(noise) < 0.45  # chance: 0.25
 
 
 def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
@@ -69,3 +73,28 @@ def test_projector_input_is_the_feature_layers_low_res_token_with_its_high_res_n
     index = centre_patch(obj["x"], obj["y"], config.patches_per_side)
     torch.testing.assert_close(features["projector input"][0, :d], low[index], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(features["projector input"][0, :d], features["projector input"][0, d : 2 * d])
+
+
+def test_characters_are_scored_apart_for_glyphs_the_crops_cut_and_glyphs_one_crop_shows(tmp_path, monkeypatch):
+    from sparsecut import probe as probe_module
+    from sparsecut.shapesworld import SceneObject, generate_dataset, glyph_cut_by_grid
+    from sparsecut.testing import tiny_model
+
+    for split, n in (("train", 200), ("test", 60)):
+        generate_dataset(tmp_path, n_images=n, seed=0, image_size=64, questions_per_image=1, split=split)
+    model, processor = tiny_model(schedule="uniform:2")
+    monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))
+    results = probe(data=str(tmp_path), train_images=200, test_images=60, out_dir=str(tmp_path / "out"))
+    def objects(split):
+        scenes = json.loads((tmp_path / f"{split}_scenes.json").read_text())
+        return [SceneObject(**o) for scene in scenes.values() for o in scene["objects"]]
+
+    seen = {o.char for o in objects("train") if o.char}
+    glyphs = [o for o in objects("test") if o.char in seen]  # only characters seen in training are scored
+    cut = sum(glyph_cut_by_grid(o, 64, model.config.high_res_grid) for o in glyphs)
+    assert 0 < cut < len(glyphs)  # the fixture has both kinds
+    assert results["objects"]["char cut"] == cut and results["objects"]["char whole"] == len(glyphs) - cut
+    for scores in results["probes"].values():  # the two parts make up the whole
+        parts = cut * scores["char cut"] + (len(glyphs) - cut) * scores["char whole"]
+        assert abs(parts - len(glyphs) * scores["char"]) < 1e-6
+    assert "char whole | char cut |" in (tmp_path / "out" / "probe.md").read_text()

@@ -31,6 +31,7 @@ from sparsecut.shapesworld import (
     downsample,
     generate_dataset,
     glyph_bitmap,
+    glyph_cut_by_grid,
     legibility_report,
     load_scenes,
     make_question,
@@ -328,6 +329,23 @@ def test_legibility_report_shows_fine_detail_legible_only_at_full_resolution():
     assert report["retained_nearest"] > 0.5
     nearest = legibility_report(image_size=128, seed=0, n_scenes=30, half_filter="nearest")
     assert nearest["glyph_accuracy_half"] > 0.8
+
+
+def test_the_crop_borders_of_a_2x2_grid_cut_the_glyphs_of_the_middle_row_and_column():
+    for region in range(9):
+        row, col = divmod(region, 3)
+        obj = SceneObject("circle", "red", "large", "solid", "center", "K", (col + 0.5) / 3, (row + 0.5) / 3)
+        assert glyph_cut_by_grid(obj, 128, 2) == (row == 1 or col == 1)
+        assert not glyph_cut_by_grid(obj, 128, 3)  # the borders of a 3x3 grid run between the cells' middles
+        assert not glyph_cut_by_grid(dataclasses.replace(obj, char=None), 128, 2)
+
+
+def test_legibility_report_reads_the_part_of_a_cut_glyph_that_one_crop_shows():
+    two = legibility_report(image_size=128, seed=0, n_scenes=30)
+    three = legibility_report(image_size=128, seed=0, n_scenes=30, high_res_grid=3)
+    assert 0.3 < two["glyphs_cut"] < 0.8  # 5 of the 9 cells are in the middle row or column
+    assert two["glyph_accuracy_crop"] > 0.8
+    assert three["glyphs_cut"] == 0 and three["glyph_accuracy_crop"] == three["glyph_accuracy_full"]
 
 
 # ---- dataset export ----------------------------------------------------------------------------------
