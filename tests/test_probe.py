@@ -28,16 +28,22 @@ def test_a_probe_reads_what_is_there_and_not_what_is_not():
     assert accuracy(noise) < 0.45  # chance: 0.25
 
 
-def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
+def probed(tmp_path, monkeypatch, train_images: int, test_images: int):
+    """(model, results) of `probe` over a fresh 64 px ShapesWorld and a tiny random model."""
     from sparsecut import probe as probe_module
     from sparsecut.shapesworld import generate_dataset
     from sparsecut.testing import tiny_model
 
-    for split, n in (("train", 12), ("test", 6)):
+    for split, n in (("train", train_images), ("test", test_images)):
         generate_dataset(tmp_path, n_images=n, seed=0, image_size=64, questions_per_image=1, split=split)
     model, processor = tiny_model(schedule="uniform:2")
     monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))
-    results = probe(data=str(tmp_path), train_images=12, test_images=6, out_dir=str(tmp_path / "out"))
+    return model, probe(data=str(tmp_path), train_images=train_images, test_images=test_images,
+                        out_dir=str(tmp_path / "out"))
+
+
+def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
+    model, results = probed(tmp_path, monkeypatch, 12, 6)
     sources = ["projector input", "input"] + [f"shortcut {v}->{lm}" for v, lm in
                            zip(model.config.shortcut_vision_layers, model.config.shortcut_llm_layers)]
     assert list(results["probes"]) == sources
@@ -76,15 +82,10 @@ def test_projector_input_is_the_feature_layers_low_res_token_with_its_high_res_n
 
 
 def test_characters_are_scored_apart_for_glyphs_the_crops_cut_and_glyphs_one_crop_shows(tmp_path, monkeypatch):
-    from sparsecut import probe as probe_module
-    from sparsecut.shapesworld import SceneObject, generate_dataset, glyph_cut_by_grid
-    from sparsecut.testing import tiny_model
+    from sparsecut.shapesworld import SceneObject, glyph_cut_by_grid
 
-    for split, n in (("train", 200), ("test", 60)):
-        generate_dataset(tmp_path, n_images=n, seed=0, image_size=64, questions_per_image=1, split=split)
-    model, processor = tiny_model(schedule="uniform:2")
-    monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))
-    results = probe(data=str(tmp_path), train_images=200, test_images=60, out_dir=str(tmp_path / "out"))
+    model, results = probed(tmp_path, monkeypatch, 200, 60)
+
     def objects(split):
         scenes = json.loads((tmp_path / f"{split}_scenes.json").read_text())
         return [SceneObject(**o) for scene in scenes.values() for o in scene["objects"]]
