@@ -1,6 +1,7 @@
 """`sparsecut experiment`: variants of one recipe are trained alike, scored alike and tabled."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,6 +10,7 @@ from test_train import TINY_MODEL, shapes  # noqa: F401  (pytest fixture)
 from sparsecut.cli import main
 from sparsecut.configuration import SparseCutConfig
 from sparsecut.experiment import variant_config
+from sparsecut.train import TrainConfig
 
 
 def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys):  # noqa: F811
@@ -92,3 +94,24 @@ def test_skipped_stages_are_left_out_for_every_variant(tmp_path):
     for skip in (["align", "instruct"], ["alignment"]):  # all stages, or one the recipe does not have
         with pytest.raises(ValueError, match="skip_stages"):
             variant_config(base, tmp_path, "llava", {}, shared, tmp_path / "runs", skip)
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_committed_configs_parse_and_their_first_line_runs_them(path):
+    """Every stage key and top-level key of a committed recipe is one the trainer knows (a typo would make a
+    run fail after its data and stage 0, or silently train with a default)."""
+    raw = yaml.safe_load(path.read_text())
+    command = path.read_text().splitlines()[0]
+    if "variants" in raw:
+        assert command == f"# sparsecut experiment configs/{path.name}"
+        base = yaml.safe_load((path.parent / raw["base"]).read_text())
+        for name, overrides in raw["variants"].items():
+            config = variant_config(base, path.parent, name, overrides, raw.get("stages", {}), path.parent / "runs",
+                                    raw.get("skip_stages", []))
+            assert config.stages and config.output_dir.endswith(name)
+    else:
+        assert command == f"# sparsecut train configs/{path.name}"
+        assert TrainConfig.from_dict(raw, path.parent).stages
