@@ -106,7 +106,9 @@ def probe(
     loaded, processor = load_model(model, device=device)
     train_x, train_objects = object_tokens(loaded, processor, data, "train", train_images)
     test_x, test_objects = object_tokens(loaded, processor, data, "test", test_images)
-    image_size = Image.open(Path(data) / next(iter(json.loads((Path(data) / "test_scenes.json").read_text())))).width
+    scenes = json.loads((Path(data) / "test_scenes.json").read_text())  # image path -> scene
+    with Image.open(Path(data) / next(iter(scenes))) as first:
+        image_size = first.width  # ShapesWorld's images are square and all of one size
     grid = loaded.config.high_res_grid
     results: dict = {"objects": {"train": len(train_objects), "test": len(test_objects)}, "chance": {}, "probes": {}}
     for attribute in ATTRIBUTES:

@@ -922,4 +922,3 @@ def _largest_crop_part(gx: int, gy: int, image_size: int, grid: int) -> np.ndarr
     cols = (np.arange(gx, gx + _GLYPH_W) * grid) // image_size
     tile = rows[:, None] * grid + cols[None, :]
     return tile == np.bincount(tile.ravel()).argmax()
-

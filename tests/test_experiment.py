@@ -103,8 +103,8 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 def test_committed_configs_parse_and_their_first_line_runs_them(path):
     """Every stage key and top-level key of a committed recipe is one the trainer knows (a typo would make a
     run fail after its data and stage 0, or silently train with a default)."""
-    raw = yaml.safe_load(path.read_text())
-    command = path.read_text().splitlines()[0]
+    text = path.read_text()
+    raw, command = yaml.safe_load(text), text.splitlines()[0]
     if "variants" in raw:
         assert command == f"# sparsecut experiment configs/{path.name}"
         base = yaml.safe_load((path.parent / raw["base"]).read_text())
