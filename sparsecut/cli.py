@@ -110,10 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     look = commands.add_parser("probe", help="linear probes: which object attributes the image tokens carry")
     look.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: weights/)")
     look.add_argument("--data", default="data/shapesworld", help="ShapesWorld directory with both splits")
-    look.add_argument("--train-images", type=int, default=1500, help="images whose objects fit the probes")
+    look.add_argument("--train-images", type=int, default=1500,
+                      help="images whose objects fit the probes (characters need ~8000)")
     look.add_argument("--test-images", type=int, default=600, help="images whose objects score them")
     look.add_argument("--out-dir", default=None, help="default: DATA/probe")
     look.add_argument("--device", default="auto")
+    look.add_argument("--llm", action="store_true",
+                      help="instead: follow the asked-for attribute through the LLM's layers (llm_probe.md)")
+    look.add_argument("--families", nargs="+", default=None,
+                      help="with --llm: question families (default: colour shape pattern character)")
+    look.add_argument("--train-questions", type=int, default=1000, help="with --llm: questions per family to fit")
+    look.add_argument("--test-questions", type=int, default=400, help="with --llm: questions per family to score")
+    look.add_argument("--layers", type=int, nargs="+", default=None,
+                      help="with --llm: hidden-state indices, 0 = input embeddings (default: every 4th and the last)")
 
     shapes = commands.add_parser("shapesworld", help="generate one split of the ShapesWorld VQA data")
     shapes.add_argument("out_dir")
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--image-size", type=int, default=128)
     shapes.add_argument("--split", default="train")
+    shapes.add_argument("--questions-per-image", type=int, default=4,
+                        help="questions recorded per image (the default recipes' training split: 8)")
 
     args = parser.parse_args(argv)
     try:
@@ -151,14 +162,19 @@ def main(argv: list[str] | None = None) -> None:
             print(results.read_text())
             print(results)
         elif args.command == "probe":
-            from .probe import probe, to_markdown
+            from .probe import llm_probe, llm_probe_markdown, probe, to_markdown
 
-            print(to_markdown(probe(args.model, args.data, args.train_images, args.test_images, args.out_dir,
-                                    args.device)))
+            if args.llm:
+                print(llm_probe_markdown(llm_probe(args.model, args.data, args.families, args.train_questions,
+                                                   args.test_questions, args.layers, args.out_dir, args.device)))
+            else:
+                print(to_markdown(probe(args.model, args.data, args.train_images, args.test_images, args.out_dir,
+                                        args.device)))
         elif args.command == "shapesworld":
             from .shapesworld import generate as generate_shapes
 
-            print(generate_shapes(args.out_dir, args.n_images, args.seed, args.image_size, args.split))
+            print(generate_shapes(args.out_dir, args.n_images, args.seed, args.image_size, args.split,
+                                      args.questions_per_image))
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
         print(f"sparsecut {args.command}: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -768,13 +768,14 @@ def load_scenes(path: str | Path) -> dict[str, Scene]:
     return {k: scene_from_dict(v) for k, v in json.loads(Path(path).read_text()).items()}
 
 
-def generate(out_dir: str, n_images: int = 1000, seed: int = 0, image_size: int = 128,
-             split: str = "train") -> str:
-    """Command-line entry point: generate one split of ShapesWorld, 4 questions per image, into `out_dir`.
+def generate(out_dir: str, n_images: int = 1000, seed: int = 0, image_size: int = 128, split: str = "train",
+             questions_per_image: int = 4) -> str:
+    """Command-line entry point: generate one split of ShapesWorld into `out_dir`.
 
     Returns the path of the LLaVA JSON file written.
     """
-    return str(generate_dataset(out_dir, n_images, seed=seed, image_size=image_size, split=split))
+    return str(generate_dataset(out_dir, n_images, seed=seed, image_size=image_size,
+                                questions_per_image=questions_per_image, split=split))
 
 
 # ----------------------------------------------------------------------------------------------------------

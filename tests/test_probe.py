@@ -1,7 +1,9 @@
 """Linear probes of the image tokens (`sparsecut probe`)."""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 from sparsecut.probe import centre_patch, probe, probe_predictions
@@ -99,3 +101,68 @@ def test_characters_are_scored_apart_for_glyphs_the_crops_cut_and_glyphs_one_cro
         parts = cut * scores["char cut"] + (len(glyphs) - cut) * scores["char whole"]
         assert abs(parts - len(glyphs) * scores["char"]) < 1e-6
     assert "char whole | char cut |" in (tmp_path / "out" / "probe.md").read_text()
+
+
+def llm_probe_data(tmp_path):
+    """A fresh 64 px ShapesWorld (8 questions an image, so every attribute family is asked) and a tiny model."""
+    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.testing import tiny_model
+
+    for split, n in (("train", 10), ("test", 6)):
+        generate_dataset(tmp_path, n_images=n, seed=0, image_size=64, questions_per_image=8, split=split)
+    return tiny_model(fusion="concat_mlp", schedule="uniform:2")
+
+
+def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_predicted(tmp_path):
+    from sparsecut.llava_format import load_llava_json, sample_to_messages
+    from sparsecut.probe import question_states
+
+    model, processor = llm_probe_data(tmp_path)
+    depth = model.config.text_config.num_hidden_layers
+    states = question_states(model, processor, tmp_path, "test", "colour", 3, layers=[0, depth])
+    samples = [s for s in load_llava_json(str(tmp_path / "test.json"), image_root=str(tmp_path))
+               if s.meta["family"] == "colour"][:3]
+    assert states["answers"] == [s.turns[1][1] for s in samples]
+    scenes = json.loads((tmp_path / "test_scenes.json").read_text())
+    for k, sample in enumerate(samples):
+        # Layer 0 at the object: the LLM input token that the fusion makes for the patch under an object of
+        # the answer's colour.
+        scene = scenes[str(Path(sample.image).relative_to(tmp_path).as_posix())]
+        obj = next(o for o in scene["objects"] if o["colour"] == sample.turns[1][1])
+        with torch.no_grad():
+            tokens = model.get_image_features(processor.preprocess_images([sample.image])).inputs[0]  # (P, D)
+        index = centre_patch(obj["x"], obj["y"], model.config.patches_per_side)
+        torch.testing.assert_close(states["object"][k, 0], tokens[index], rtol=1e-4, atol=1e-5)
+        # The last layer at the answer position predicts the token the model answers with.
+        inputs = processor.apply_chat_template([sample_to_messages(sample)[:1]], images=[[sample.image]],
+                                               add_generation_prompt=True, tokenize=True, return_dict=True)
+        with torch.no_grad():
+            first = model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1]
+            logits = model.compute_logits(states["answer"][k, 1])
+        assert int(logits.argmax()) == int(first)
+
+
+def test_llm_probe_scores_every_layer_family_and_position(tmp_path, monkeypatch):
+    from sparsecut import probe as probe_module
+    from sparsecut.probe import llm_probe
+
+    model, processor = llm_probe_data(tmp_path)
+    monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))
+    depth = model.config.text_config.num_hidden_layers
+    results = llm_probe(data=str(tmp_path), families=["colour", "pattern"], out_dir=str(tmp_path / "out"))
+    assert results["layers"] == sorted({*range(0, depth + 1, 4), depth})
+    assert list(results["probes"]) == [str(layer) for layer in results["layers"]]
+    columns = ["colour object", "colour answer", "pattern object", "pattern answer"]
+    for scores in results["probes"].values():
+        assert sorted(scores) == sorted(columns) and all(0.0 <= v <= 1.0 for v in scores.values())
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert results["questions"]["colour"]["test"] <= sum(r["family"] == "colour" for r in test)
+    assert json.loads((tmp_path / "out" / "llm_probe.json").read_text()) == results
+    assert "| colour object |" in (tmp_path / "out" / "llm_probe.md").read_text()
+    with pytest.raises(ValueError, match="description"):
+        llm_probe(data=str(tmp_path), families=["description"], out_dir=str(tmp_path / "out"))
+    (tmp_path / "test.json").write_text(json.dumps([r for r in test if r["family"] != "shape"]))
+    with pytest.raises(ValueError, match="no shape questions"):
+        llm_probe(data=str(tmp_path), families=["shape"], out_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="layers must lie"):
+        llm_probe(data=str(tmp_path), families=["colour"], layers=[depth + 1], out_dir=str(tmp_path / "out"))
