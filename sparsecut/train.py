@@ -167,9 +167,14 @@ class TrainConfig:
             raw["output_dir"] = str((base / raw["output_dir"]).resolve())
         if raw.get("shapesworld") and not os.path.isabs(raw["shapesworld"]["out_dir"]):
             raw["shapesworld"]["out_dir"] = str((base / raw["shapesworld"]["out_dir"]).resolve())
-        vision = raw.get("model", {}).get("vision")
-        if raw.get("vision_pretraining") is not None and isinstance(vision, str) and not os.path.isabs(vision):
-            raw["model"]["vision"] = str((base / vision).resolve())
+        # Model paths are taken from the yaml's directory when they name a folder there (or one that stage 0 will
+        # write); anything else is left as given (a hub id, or a path from the working directory).
+        model = raw.get("model", {})
+        for key in ("vision", "init"):
+            path = model.get(key)
+            written_by_stage0 = key == "vision" and raw.get("vision_pretraining") is not None
+            if isinstance(path, str) and not os.path.isabs(path) and (written_by_stage0 or (base / path).is_dir()):
+                model[key] = str((base / path).resolve())
         stages = []
         for stage in raw.pop("stages"):
             for key in ("data", "eval_data", "image_root"):

@@ -430,3 +430,20 @@ def test_the_seed_fixes_the_new_modules_initialisation():
     first, again, other = fresh(0), fresh(0), fresh(1)
     assert first and all(torch.equal(first[name], again[name]) for name in first)
     assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def test_model_paths_are_taken_from_the_yamls_folder_when_they_name_a_folder_there(tmp_path):
+    (tmp_path / "checkpoints" / "mine").mkdir(parents=True)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+
+    def model_paths(model: dict, **extra) -> dict:
+        raw = {"output_dir": "out", "model": model, "stages": [{"name": "align", "data": "train.json"}], **extra}
+        return TrainConfig.from_dict(raw, configs).model
+
+    mine = str((tmp_path / "checkpoints" / "mine").resolve())
+    assert model_paths({"init": "../checkpoints/mine"})["init"] == mine
+    assert model_paths({"vision": "../checkpoints/mine"})["vision"] == mine
+    assert model_paths({"init": "org/model"})["init"] == "org/model"  # no such folder: a hub id, left alone
+    written = model_paths({"vision": "../runs/vision"}, vision_pretraining={"steps": 1})["vision"]
+    assert written == str((tmp_path / "runs" / "vision").resolve())  # stage 0 writes it there
