@@ -130,7 +130,8 @@ class TrainConfig:
     """Stages, run in order; each starts from the previous stage's model."""
     model: dict = field(default_factory=dict)
     """`vision`, `llm` (as `sparsecut.build` takes them, or a dict config) and `config` overrides; or `init` with
-    the path of a SparseCut checkpoint to start from."""
+    the path of a SparseCut checkpoint to start from. A relative `vision` or `init` that names a folder next to
+    the yaml (or the folder stage 0 writes) is read from there."""
     seed: int = 0
     """Seed of weights initialisation and data order."""
     mixed_precision: str = "auto"
