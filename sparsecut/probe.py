@@ -158,7 +158,8 @@ def question_states(model, processor, data_dir: str | Path, split: str, family: 
     "answer" (n, len(layers), D), at the image token under the centre of an object that the answer is true of
     (the one asked about, or one alike) and at the last prompt position (the one that predicts the answer);
     "answers": the n reference answers. `layers` index the decoder's hidden states: 0 is the input embeddings
-    (image tokens included), k the output of decoder layer k."""
+    (image tokens included), k the output of decoder layer k (the last after the final norm, as the LM head
+    reads it)."""
     data_dir = Path(data_dir)
     scenes = json.loads((data_dir / f"{split}_scenes.json").read_text())
     samples = load_llava_json(str(data_dir / f"{split}.json"), image_root=str(data_dir))
