@@ -110,6 +110,9 @@ class StageConfig:
     """Recompute LLM activations in backward to save memory."""
     num_workers: int = 0
     """DataLoader worker processes (they read and resize the images); 0: in the training process."""
+    seed: int | None = None
+    """Seed of this stage's data order, family-weight coin tosses and random state; None: the run's `seed`
+    (stages that continue one another on the same data can then see it in different orders)."""
 
     def __post_init__(self):
         unknown = set(self.train) - set(TRAINABLE_PARTS)
@@ -357,7 +360,7 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
             "bf16" if torch.cuda.is_available() else "no"
         ),
     )
-    seed = config.seed
+    seed = config.seed if stage.seed is None else stage.seed
     set_seed(seed)
     if "lora" in stage.train:
         add_lora(model, config.lora)

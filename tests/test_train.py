@@ -432,6 +432,32 @@ def test_the_seed_fixes_the_new_modules_initialisation():
     assert any(not torch.equal(first[name], other[name]) for name in first)
 
 
+def test_a_stage_can_draw_its_data_order_from_its_own_seed(tmp_path, shapes, monkeypatch):
+    from sparsecut.train import LengthGroupedBatches
+
+    train_json, _ = shapes
+    seen = []
+    batches_of = LengthGroupedBatches.__iter__
+
+    def recorded(self):
+        batches = list(batches_of(self))
+        seen.append(batches)
+        yield from batches
+
+    monkeypatch.setattr(LengthGroupedBatches, "__iter__", recorded)
+
+    def order(name, **stage_seed):
+        stage = {"name": "align", "data": str(train_json), "batch_size": 2, "max_steps": 2, **stage_seed}
+        (tmp_path / name).mkdir()
+        train(str(write_config(tmp_path / name, shapes, [stage])))
+        return seen.pop()
+
+    run_seed = order("run-seed")  # the run's seed, 0
+    assert order("same", seed=0) == run_seed
+    own = order("own", seed=5)
+    assert own != run_seed and sorted(sum(own, [])) == sorted(sum(run_seed, []))  # the same data, another order
+
+
 def test_model_paths_are_taken_from_the_yamls_folder_when_they_name_a_folder_there(tmp_path):
     (tmp_path / "checkpoints" / "mine").mkdir(parents=True)
     configs = tmp_path / "configs"
