@@ -136,7 +136,7 @@ class TrainConfig:
     the path of a SparseCut checkpoint to start from. A relative `vision` or `init` that names a folder next to
     the yaml (or the folder stage 0 writes) is read from there."""
     seed: int = 0
-    """Seed of weights initialisation and data order."""
+    """Seed of weights initialisation and data order (a stage's own `seed` overrides it for that stage)."""
     mixed_precision: str = "auto"
     """"bf16" (autocast; also on CPUs with bf16 instructions, such as AVX512-BF16), "no", or "auto": bf16 on CUDA,
     else no."""
