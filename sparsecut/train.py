@@ -133,8 +133,8 @@ class TrainConfig:
     """Stages, run in order; each starts from the previous stage's model."""
     model: dict = field(default_factory=dict)
     """`vision`, `llm` (as `sparsecut.build` takes them, or a dict config) and `config` overrides; or `init` with
-    the path of a SparseCut checkpoint to start from. A relative `vision` or `init` that names a folder next to
-    the yaml (or the folder stage 0 writes) is read from there."""
+    the path of a SparseCut checkpoint to start from. A relative `vision` or `init` that starts with "." or names
+    a folder next to the yaml (or the folder stage 0 writes) is read from the yaml's folder."""
     seed: int = 0
     """Seed of weights initialisation and data order (a stage's own `seed` overrides it for that stage)."""
     mixed_precision: str = "auto"
@@ -171,13 +171,16 @@ class TrainConfig:
             raw["output_dir"] = str((base / raw["output_dir"]).resolve())
         if raw.get("shapesworld") and not os.path.isabs(raw["shapesworld"]["out_dir"]):
             raw["shapesworld"]["out_dir"] = str((base / raw["shapesworld"]["out_dir"]).resolve())
-        # Model paths are taken from the yaml's directory when they name a folder there (or one that stage 0 will
-        # write); anything else is left as given (a hub id, or a path from the working directory).
+        # Model paths are taken from the yaml's directory when they start with "." (no hub id does), name a folder
+        # there, or name the one stage 0 will write; anything else is left as given (a hub id, or a path from the
+        # working directory). A missing "../runs/x" is then reported where it was looked for.
         model = raw.get("model", {})
         for key in ("vision", "init"):
             path = model.get(key)
+            if not isinstance(path, str) or os.path.isabs(path):
+                continue
             written_by_stage0 = key == "vision" and raw.get("vision_pretraining") is not None
-            if isinstance(path, str) and not os.path.isabs(path) and (written_by_stage0 or (base / path).is_dir()):
+            if written_by_stage0 or path.startswith(".") or (base / path).is_dir():
                 model[key] = str((base / path).resolve())
         stages = []
         for stage in raw.pop("stages"):

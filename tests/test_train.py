@@ -471,5 +471,7 @@ def test_model_paths_are_taken_from_the_yamls_folder_when_they_name_a_folder_the
     assert model_paths({"init": "../checkpoints/mine"})["init"] == mine
     assert model_paths({"vision": "../checkpoints/mine"})["vision"] == mine
     assert model_paths({"init": "org/model"})["init"] == "org/model"  # no such folder: a hub id, left alone
+    missing = model_paths({"init": "../runs/not-trained-yet"})["init"]  # explicitly relative: from the yaml
+    assert missing == str((tmp_path / "runs" / "not-trained-yet").resolve())
     written = model_paths({"vision": "../runs/vision"}, vision_pretraining={"steps": 1})["vision"]
     assert written == str((tmp_path / "runs" / "vision").resolve())  # stage 0 writes it there
