@@ -458,7 +458,7 @@ def test_a_stage_can_draw_its_data_order_from_its_own_seed(tmp_path, shapes, mon
     assert own != run_seed and sorted(sum(own, [])) == sorted(sum(run_seed, []))  # the same data, another order
 
 
-def test_model_paths_are_taken_from_the_yamls_folder_when_they_name_a_folder_there(tmp_path):
+def test_model_paths_are_taken_from_the_yamls_folder_when_explicitly_relative_or_found_there(tmp_path):
     (tmp_path / "checkpoints" / "mine").mkdir(parents=True)
     configs = tmp_path / "configs"
     configs.mkdir()
