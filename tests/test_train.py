@@ -475,3 +475,21 @@ def test_model_paths_are_taken_from_the_yamls_folder_when_explicitly_relative_or
     assert missing == str((tmp_path / "runs" / "not-trained-yet").resolve())
     written = model_paths({"vision": "../runs/vision"}, vision_pretraining={"steps": 1})["vision"]
     assert written == str((tmp_path / "runs" / "vision").resolve())  # stage 0 writes it there
+
+
+def test_bf16_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch):
+    from sparsecut import train as training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 instructions"):
+        assert training.mixed_precision_for("bf16") == "no"
+    assert training.mixed_precision_for("auto") == "no"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.mixed_precision_for("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.mixed_precision_for("auto") == "bf16"
+    assert training.mixed_precision_for("no") == "no"
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        TrainConfig.from_dict({"output_dir": "unused", "mixed_precision": "bfloat16",
+                               "stages": [{"name": "align", "data": "train.json"}]}, Path("."))
