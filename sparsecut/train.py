@@ -360,8 +360,12 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> dict[str, float]:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX), as oneDNN reports it."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX), as oneDNN reports it (False
+    where a torch build cannot tell)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def mixed_precision_for(requested: str) -> str:
