@@ -6,7 +6,7 @@ model, processor = build(vision=..., llm="smollm2-135m", fusion="cross_attention
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .build import build, load_model
+from .build import build, load_model, set_high_res_overlap
 from .configuration import SparseCutConfig
 from .images import InvalidInputError, load_image
 from .modeling import ShortcutStats, SparseCutForConditionalGeneration, SparseCutOutput
@@ -27,4 +27,5 @@ __all__ = [
     "build",
     "load_image",
     "load_model",
+    "set_high_res_overlap",
 ]

@@ -168,6 +168,7 @@ def build(
         tokenizer,
         image_size=config.image_size,
         high_res_grid=config.high_res_grid,
+        high_res_overlap=config.high_res_overlap,
         num_image_tokens=config.num_image_tokens,
         image_mean=mean,
         image_std=std,
@@ -285,18 +286,45 @@ def materialized_path(path: Path) -> Path:
     return Path(os.environ.get("SPARSECUT_CACHE", Path.home() / ".cache" / "sparsecut")) / f"full-{digest}"
 
 
+def set_high_res_overlap(
+    model: SparseCutForConditionalGeneration, processor: SparseCutProcessor, enabled: bool
+) -> None:
+    """Switch overlapping high-res crops (`SparseCutConfig.high_res_overlap`) on or off for a model and its
+    processor together. No weight changes: the fusion receives the same layout of tokens either way, but a
+    model reads them best the way it was trained."""
+    config = model.config
+    previous, config.high_res_overlap = config.high_res_overlap, bool(enabled)
+    try:
+        config._validate()
+    except ValueError:
+        config.high_res_overlap = previous
+        raise
+    processor.high_res_overlap = config.high_res_overlap
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     quantization: str | None = None,
     device: str = "auto",
     dtype: torch.dtype | None = None,
+    high_res_overlap: bool | None = None,
 ) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
     """Load a saved SparseCut model and its processor; no argument means the default model in `weights/`.
 
     quantization: None / "none", "8bit" or "4bit" (bitsandbytes nf4 with bf16 compute) for the LLM and the
     vision encoder; the fusion, the shortcut gates and the LM head stay unquantized. dtype defaults to
-    bfloat16 on CUDA and float32 on the CPU.
+    bfloat16 on CUDA and float32 on the CPU. high_res_overlap: True / False overrides the checkpoint's
+    `high_res_overlap` (`set_high_res_overlap`); None keeps it.
     """
+    model, processor = _load(name_or_path, quantization, device, dtype)
+    if high_res_overlap is not None:
+        set_high_res_overlap(model, processor, high_res_overlap)
+    return model, processor
+
+
+def _load(
+    name_or_path: str | os.PathLike | None, quantization: str | None, device: str, dtype: torch.dtype | None
+) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
     target = resolve_device(device)  # argument errors first, before touching any file
     bnb = quantization_config(quantization, target)
     path = Path(name_or_path) if name_or_path is not None else DEFAULT_WEIGHTS

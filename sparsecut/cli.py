@@ -57,8 +57,8 @@ def info(model: str | None) -> None:
         f"hidden {config.text_config.hidden_size}"
     )
     print(
-        f"fusion         : {config.fusion}, high-res grid {config.high_res_grid}x{config.high_res_grid}, "
-        f"feature layer {config.feature_layer}"
+        f"fusion         : {config.fusion}, high-res grid {config.high_res_grid}x{config.high_res_grid}"
+        f"{' (overlapping crops)' if config.high_res_overlap else ''}, feature layer {config.feature_layer}"
     )
     print(f"shortcuts      : {pairs or 'none'}")
     print(f"image tokens   : {config.num_image_tokens} per image, {config.num_views} views")
@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     score.add_argument("--device", default="auto")
     score.add_argument("--max-new-tokens", type=int, default=128, help="enough for an 8-object description")
     score.add_argument("--families", nargs="+", default=None, help="only these question families")
+    score.add_argument(
+        "--high-res-overlap",
+        choices=["on", "off"],
+        default=None,
+        help="override the checkpoint's overlapping high-res crops (default: as saved)",
+    )
 
     compare = commands.add_parser("experiment", help="train and score model variants with one recipe")
     compare.add_argument("config", help="experiment yaml (sparsecut/experiment.py)")
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             scores = evaluate(
                 args.model, args.data, args.out_dir, args.limit, args.batch_size, args.device,
                 max_new_tokens=args.max_new_tokens, families=args.families,
+                high_res_overlap=None if args.high_res_overlap is None else args.high_res_overlap == "on",
             )
             print(json.dumps(scores, indent=2))
         elif args.command == "experiment":

@@ -17,6 +17,8 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .vision import crops_per_side
+
 FUSIONS = ("cross_attention", "concat_mlp", "none")
 MAX_DEFAULT_SHORTCUTS = 8  # the paper's 8 pairs
 
@@ -73,7 +75,12 @@ class SparseCutConfig(PreTrainedConfig):
             queries attend to the high-res crops), "concat_mlp" (each low-res token concatenated with the
             grid x grid high-res tokens covering its area) or "none" (low-res tokens only, LLaVA-1.5 style).
         high_res_grid: the high-res view is the image at `high_res_grid` times the encoder size, cut into
-            high_res_grid x high_res_grid encoder-size crops. The processor always emits 1 + grid**2 views.
+            high_res_grid x high_res_grid encoder-size crops. The processor emits 1 + grid**2 views.
+        high_res_overlap: cut the high-res view into (2 * grid - 1)**2 crops at half a crop's stride instead, and
+            take each high-res patch token from the crop nearest to it (`vision.stitch_overlapping_crops`), so
+            that no crop border runs through detail narrower than a quarter crop; the fusion and the LLM input
+            are unchanged, the encoder sees 1 + (2 * grid - 1)**2 views. Not in the paper; needs an even number
+            of patches per side.
         feature_layer: encoder layer whose fused features replace the `<image>` placeholder tokens.
         schedule: builds the shortcut pairs when the explicit lists are not given: "uniform" (k = min(8, depths)),
             "uniform:k", "reversed" / "reversed:k", or "none" for no shortcuts.
@@ -110,6 +117,7 @@ class SparseCutConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     fusion: str = "cross_attention"
     high_res_grid: int = 2
+    high_res_overlap: bool = False
     feature_layer: int = -2
     schedule: str | None = None
     shortcut_vision_layers: list[int] | None = None
@@ -142,6 +150,8 @@ class SparseCutConfig(PreTrainedConfig):
             raise ValueError(f"image_token_scale must be a positive number or None, got {self.image_token_scale!r}.")
         if not isinstance(self.high_res_grid, int) or self.high_res_grid < 1:
             raise ValueError(f"high_res_grid must be an integer >= 1, got {self.high_res_grid!r}.")
+        if not isinstance(self.high_res_overlap, bool):
+            raise ValueError(f"high_res_overlap must be true or false, got {self.high_res_overlap!r}.")
         if self.append_high_res_tokens and self.fusion != "none":
             raise ValueError(
                 "append_high_res_tokens=True puts every view's tokens in the input; it needs fusion='none'."
@@ -154,6 +164,11 @@ class SparseCutConfig(PreTrainedConfig):
                 )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+        if self.high_res_overlap and self.patches_per_side % 2:
+            raise ValueError(
+                f"high_res_overlap shifts crops by half a crop, which needs an even number of patches per side; "
+                f"this encoder has {self.patches_per_side} ({self.image_size} px / {self.patch_size} px patches)."
+            )
         if self.fusion == "cross_attention" and self.vision_config.hidden_size % self.fusion_num_heads:
             raise ValueError(
                 f"fusion_num_heads={self.fusion_num_heads} does not divide the encoder hidden size "
@@ -231,7 +246,13 @@ class SparseCutConfig(PreTrainedConfig):
 
     @property
     def num_views(self) -> int:
-        """Views per image in `pixel_values`: the low-res view plus grid**2 high-res crops."""
+        """Views per image in `pixel_values`: the low-res view plus grid**2 high-res crops, or (2 * grid - 1)**2
+        overlapping ones."""
+        return 1 + crops_per_side(self.high_res_grid, self.high_res_overlap) ** 2
+
+    @property
+    def num_fused_views(self) -> int:
+        """Views per image after overlapping crops are stitched: the low-res view plus grid**2 crops."""
         return 1 + self.high_res_grid**2
 
     @property
@@ -242,7 +263,7 @@ class SparseCutConfig(PreTrainedConfig):
     def num_image_tokens(self) -> int:
         """LLM input tokens per image: one per low-res patch (LLaVA-1.5's count), or every view's in append mode."""
         tokens = self.patches_per_side**2
-        return tokens * self.num_views if self.append_high_res_tokens else tokens
+        return tokens * self.num_fused_views if self.append_high_res_tokens else tokens
 
     @property
     def fused_vision_layers(self) -> list[int]:

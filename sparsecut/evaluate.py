@@ -53,12 +53,13 @@ def evaluate(
     quantization: str | None = None,
     max_new_tokens: int = 128,
     families: list[str] | None = None,
+    high_res_overlap: bool | None = None,
 ) -> dict:
     """Score a model on a LLaVA-format test file whose records carry a `family`; writes scores.json, scores.md
     and predictions.jsonl under `out_dir` (default: next to the data). `families` keeps only those question
-    families; `limit` then takes the first that-many questions. The scores also give the image tokens
-    per image and the mean LLM input tokens per question."""
-    loaded, processor = load_model(model, quantization=quantization, device=device)
+    families; `limit` then takes the first that-many questions; `high_res_overlap` overrides the checkpoint's
+    (`load_model`). The scores also give the image tokens per image and the mean LLM input tokens per question."""
+    loaded, processor = load_model(model, quantization=quantization, device=device, high_res_overlap=high_res_overlap)
     samples = load_llava_json(data, image_root=str(Path(data).parent))
     if families is not None:
         samples = [sample for sample in samples if sample.meta.get("family") in families]

@@ -22,7 +22,7 @@ from .adapters import inject_lora
 from .configuration import SparseCutConfig
 from .fusion import CrossAttentionBlock, ImageTokenNorm, MultiGrainedFusion, Projector
 from .shortcuts import SparseShortcuts
-from .vision import encode_layers
+from .vision import encode_layers, stitch_overlapping_crops
 
 IGNORE_INDEX = -100
 
@@ -145,7 +145,7 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         if pixel_values.ndim != 5 or pixel_values.shape[1] != config.num_views:
             raise ValueError(
                 f"pixel_values must have shape (images, {config.num_views}, 3, H, W) "
-                f"for high_res_grid={config.high_res_grid}, "
+                f"for high_res_grid={config.high_res_grid}, high_res_overlap={config.high_res_overlap}, "
                 f"got {tuple(pixel_values.shape)}."
             )
         n_images = pixel_values.shape[0]
@@ -156,6 +156,9 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
             self.vision_tower, pixel_values[:, :views].flatten(0, 1).to(dtype), layers, config.patches_per_side**2
         )  # (L, n*V, P, d)
         tokens = tokens.view(len(layers) * n_images, views, *tokens.shape[2:])  # (L*n, V, P, d)
+        if config.high_res_overlap and views > 1:
+            # (L*n, 1 + (2g-1)², P, d) -> (L*n, 1 + g², P, d)
+            tokens = stitch_overlapping_crops(tokens, config.high_res_grid, config.patches_per_side)
         fusion_dtype = self.fusion.projector.linear_1.weight.dtype
         fused = self.fusion(tokens.to(fusion_dtype), output_stats=output_stats)
         per_layer = fused.tokens.view(len(layers), n_images, *fused.tokens.shape[1:])  # (L, n, T, D)

@@ -70,11 +70,13 @@ def object_tokens(model, processor, data_dir: str | Path, split: str, n_images: 
             for row, key in enumerate(chunk):
                 for obj in scenes[key]["objects"]:
                     index = centre_patch(obj["x"], obj["y"], config.patches_per_side)
+                    # Copies: on the CPU, .float().cpu() of a float32 tensor is a view that would keep the whole
+                    # batch's features alive (8,000 images then took more than 24 GB).
                     if keep_projector_input:
-                        features["projector input"].append(before[row, index].float().cpu())
-                    features["input"].append(image.inputs[row, index].float().cpu())
+                        features["projector input"].append(before[row, index].to("cpu", torch.float32, copy=True))
+                    features["input"].append(image.inputs[row, index].to("cpu", torch.float32, copy=True))
                     for k, name in enumerate(names[1:]):
-                        features[name].append(image.shortcuts[k, row, index].float().cpu())
+                        features[name].append(image.shortcuts[k, row, index].to("cpu", torch.float32, copy=True))
                     objects.append(obj)
     finally:
         hook.remove()

@@ -1,10 +1,10 @@
 """SparseCutProcessor: images + text (or chat messages) -> model inputs.
 
-Every image becomes 1 + grid**2 views (see `sparsecut.vision`) and its placeholder in the text is expanded
-into exactly `num_image_tokens` image tokens, the count the model's feature layer produces (LLaVA-1.5's 576 for
-CLIP ViT-L/14-336). Chat messages are rendered with the LLM's own chat template, so SparseCut keeps the prompt
-format the LLM was tuned on; user text is escaped so that typing "<image>" or a special token creates neither
-an image position nor a fake turn.
+Every image becomes 1 + grid**2 views, or 1 + (2 * grid - 1)**2 with overlapping crops (see `sparsecut.vision`),
+and its placeholder in the text is expanded into exactly `num_image_tokens` image tokens, the count the model's
+feature layer produces (LLaVA-1.5's 576 for CLIP ViT-L/14-336). Chat messages are rendered with the LLM's own chat
+template, so SparseCut keeps the prompt format the LLM was tuned on; user text is escaped so that typing "<image>"
+or a special token creates neither an image position nor a fake turn.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .images import InvalidInputError, load_image
-from .vision import HALF, make_views
+from .vision import HALF, crops_per_side, make_views
 
 ZERO_WIDTH_SPACE = "\u200b"
 ROLES = ("system", "user", "assistant")
@@ -36,6 +36,8 @@ class SparseCutProcessor(ProcessorMixin):
     tokenizer: the LLM's tokenizer, with `image_token` added as a special token.
     image_size: encoder input size in pixels (every view is image_size x image_size).
     high_res_grid: the high-res view is cut into high_res_grid x high_res_grid crops.
+    high_res_overlap: cut it into (2 * grid - 1)**2 crops at half a crop's stride instead
+        (`SparseCutConfig.high_res_overlap`).
     num_image_tokens: image tokens per image in the LLM input (`SparseCutConfig.num_image_tokens`).
     image_mean, image_std: the encoder's normalisation.
     pad_to_square: pad images to a square with the mean colour before resizing (LLaVA-1.5), instead of
@@ -49,6 +51,7 @@ class SparseCutProcessor(ProcessorMixin):
         tokenizer=None,
         image_size: int = 224,
         high_res_grid: int = 2,
+        high_res_overlap: bool = False,
         num_image_tokens: int = 196,
         image_mean: Sequence[float] = HALF,
         image_std: Sequence[float] = HALF,
@@ -59,6 +62,7 @@ class SparseCutProcessor(ProcessorMixin):
     ):
         self.image_size = int(image_size)
         self.high_res_grid = int(high_res_grid)
+        self.high_res_overlap = bool(high_res_overlap)
         self.num_image_tokens = int(num_image_tokens)
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
@@ -73,7 +77,7 @@ class SparseCutProcessor(ProcessorMixin):
 
     @property
     def num_views(self) -> int:
-        return 1 + self.high_res_grid**2
+        return 1 + crops_per_side(self.high_res_grid, self.high_res_overlap) ** 2
 
     @property
     def model_input_names(self) -> list[str]:
@@ -92,6 +96,7 @@ class SparseCutProcessor(ProcessorMixin):
                 self.image_mean,
                 self.image_std,
                 self.pad_to_square,
+                self.high_res_overlap,
             )
             for image in images
         ]

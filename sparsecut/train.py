@@ -135,7 +135,8 @@ class TrainConfig:
     """Stages, run in order; each starts from the previous stage's model."""
     model: dict = field(default_factory=dict)
     """`vision`, `llm` (as `sparsecut.build` takes them, or a dict config) and `config` overrides; or `init` with
-    the path of a SparseCut checkpoint to start from. A relative `vision` or `init` that starts with "." or names
+    the path of a SparseCut checkpoint to start from (with `high_res_overlap: true` / `false` to change its
+    high-res crops, `sparsecut.build.set_high_res_overlap`). A relative `vision` or `init` that starts with "." or names
     a folder next to the yaml (or the folder stage 0 writes) is read from the yaml's folder."""
     seed: int = 0
     """Seed of weights initialisation and data order (a stage's own `seed` overrides it for that stage)."""
@@ -160,6 +161,11 @@ class TrainConfig:
                 raise ValueError("save_base_llm: false needs model.llm given by name or path, to rebuild it from.")
             if any("llm" in stage.train for stage in self.stages):
                 raise ValueError("save_base_llm: false cannot ship a fully trained LLM; train it through `lora`.")
+        if "high_res_overlap" in self.model and "init" not in self.model:
+            raise ValueError(
+                "model.high_res_overlap switches the crops of a saved model (model.init); "
+                "for a new model, set it in model.config."
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
 
@@ -249,7 +255,7 @@ def initial_model(config: TrainConfig):
     spec = config.model
     set_seed(config.seed)
     if "init" in spec:
-        return load_model(spec["init"], device="cpu")
+        return load_model(spec["init"], device="cpu", high_res_overlap=spec.get("high_res_overlap"))
     # "byte" names the code-built byte tokenizer, for config-only LLMs (tests, toy runs).
     tokenizer = byte_tokenizer() if spec.get("tokenizer") == "byte" else None
     return build(

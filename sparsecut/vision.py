@@ -4,9 +4,18 @@ Each image gives 1 + grid**2 views of the encoder's input size: the low-res view
 high-res view (the image at grid x the size) cut into grid x grid crops, row-major. All views of all images
 go through the frozen encoder as one batch with `output_hidden_states=True`; the prefix tokens (CLS,
 registers) are dropped so that every selected layer yields one token per patch.
+
+Overlapping crops (`high_res_overlap`, not in the paper): the encoder sees each crop alone, so detail that a
+crop border runs through (a printed character in the middle of the image) reaches it only as two halves. With
+overlap the high-res view is cut into (2*grid - 1)**2 crops at half a crop's stride, and each high-res patch
+token is taken from the crop whose centre is nearest to it (`stitch_overlapping_crops`): every token then comes
+from a crop that shows at least a quarter crop around it (up to the image's edge), and the fusion receives the same
+grid x grid layout of tokens as without overlap. It costs encoder work only, not LLM input tokens.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -41,6 +50,11 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
+def crops_per_side(grid: int, overlap: bool) -> int:
+    """High-res crops per side: grid, or 2 * grid - 1 when they overlap by half a crop."""
+    return 2 * grid - 1 if overlap else grid
+
+
 def make_views(
     image: Image.Image,
     size: int,
@@ -48,13 +62,17 @@ def make_views(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     pad: bool = True,
+    overlap: bool = False,
 ) -> np.ndarray:
-    """The 1 + grid**2 normalised views of one RGB image: (views, 3, size, size) float32."""
+    """The 1 + crops normalised views of one RGB image: (views, 3, size, size) float32, where crops is grid**2,
+    or (2 * grid - 1)**2 crops at a stride of size // 2 with `overlap`."""
     if pad:
         image = pad_to_square(image, tuple(int(round(255 * m)) for m in mean))
     low = image.resize((size, size), Image.Resampling.BICUBIC)
     high = image.resize((size * grid, size * grid), Image.Resampling.BICUBIC)
-    crops = [high.crop((x * size, y * size, (x + 1) * size, (y + 1) * size)) for y in range(grid) for x in range(grid)]
+    stride, count = size // 2 if overlap else size, crops_per_side(grid, overlap)
+    offsets = [(x * stride, y * stride) for y in range(count) for x in range(count)]
+    crops = [high.crop((x, y, x + size, y + size)) for x, y in offsets]
     views = np.stack([np.asarray(view, dtype=np.float32) for view in (low, *crops)])  # (V, H, W, 3)
     views = (views / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return views.transpose(0, 3, 1, 2).copy()  # (V, 3, H, W)
@@ -77,3 +95,31 @@ def encode_layers(
     if seq_len < num_patches:
         raise ValueError(f"The encoder returned {seq_len} tokens per view but {num_patches} patches were expected.")
     return torch.stack([states[layer][:, seq_len - num_patches :] for layer in layers])
+
+
+@functools.lru_cache(maxsize=8)
+def nearest_crop(side: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the grid * side high-res patch rows (or columns): the overlapping crop whose centre is nearest
+    to it and its row inside that crop. Crop k starts at patch k * side / 2; centres and patch centres never tie
+    (whole against half patches)."""
+    half = side // 2
+    centres = torch.arange(crops_per_side(grid, True)) * half + half  # (k,) in patches
+    rows = torch.arange(grid * side)
+    crop = (2 * centres[None, :] - (2 * rows[:, None] + 1)).abs().argmin(dim=1)  # (grid * side,)
+    return crop, rows - crop * half
+
+
+def stitch_overlapping_crops(tokens: torch.Tensor, grid: int, side: int) -> torch.Tensor:
+    """Tokens of the low-res view and the (2 * grid - 1)**2 overlapping crops -> the low-res view and grid**2
+    non-overlapping crops, each high-res patch token taken from the crop nearest to it.
+
+    tokens: (N, 1 + (2 * grid - 1)**2, side * side, d) -> (N, 1 + grid**2, side * side, d)
+    """
+    n, _, _, d = tokens.shape
+    k = crops_per_side(grid, True)
+    crops = tokens[:, 1:].reshape(n, k, k, side, side, d)
+    crop, local = nearest_crop(side, grid)
+    crop, local = crop.to(tokens.device), local.to(tokens.device)
+    high = crops[:, crop[:, None], crop[None, :], local[:, None], local[None, :]]  # (N, G, G, d), G = grid * side
+    high = high.reshape(n, grid, side, grid, side, d).transpose(2, 3)  # (N, cy, cx, row, col, d)
+    return torch.cat([tokens[:, :1], high.reshape(n, grid * grid, side * side, d)], dim=1)

@@ -192,3 +192,22 @@ def test_missing_and_unexpected_weights_are_named(tmp_path):
     with pytest.raises(ValueError, match="fusion.projector.linear_2.bias") as error:
         load_model(tmp_path, device="cpu")
     assert "fusion.extra.weight" in str(error.value)
+
+
+def test_overlapping_crops_can_be_switched_on_when_loading(tmp_path):
+    model, processor = tiny_model(fusion="concat_mlp")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_model(tmp_path, device="cpu", high_res_overlap=True)
+    assert loaded.config.high_res_overlap and loaded_processor.num_views == loaded.config.num_views == 10
+    logits, _ = generate(loaded, loaded_processor)
+    assert logits.isfinite().all() and not torch.allclose(logits, generate(model, processor)[0])
+    plain, plain_processor = load_model(tmp_path, device="cpu", high_res_overlap=False)
+    torch.testing.assert_close(generate(plain, plain_processor)[0], generate(model, processor)[0], rtol=0, atol=0)
+    # an encoder with an odd number of patches per side cannot shift crops by half a crop: refused, nothing changed
+    odd, odd_processor = build(
+        vision=tiny_vision_config(image_size=24), llm=tiny_text_config(), tokenizer=byte_tokenizer()
+    )
+    with pytest.raises(ValueError, match="even number of patches per side"):
+        sparsecut.set_high_res_overlap(odd, odd_processor, True)
+    assert not odd.config.high_res_overlap and odd_processor.num_views == 5

@@ -324,3 +324,56 @@ def test_image_token_scale_puts_image_tokens_at_the_embedding_scale(tmp_path):
     )
     # Without it, the projector is LLaVA's (no norm), as old checkpoints expect.
     assert tiny_model()[0].fusion.projector.output_norm is None
+
+
+def test_overlapping_crops_change_only_what_the_plain_crops_cut(tmp_path):
+    from sparsecut import load_model
+
+    plain, plain_processor = tiny_model(fusion="concat_mlp")
+    model, processor = tiny_model(fusion="concat_mlp", high_res_overlap=True)
+    assert processor.num_views == model.config.num_views == 10
+    assert model.config.num_image_tokens == plain.config.num_image_tokens  # the LLM input does not grow
+    inputs = chat_inputs(processor)
+    assert inputs["pixel_values"].shape[1] == 10
+    # What the fusion receives: the same low-res view, and high-res tokens that differ from the plain grid's only
+    # in the band around the crop borders, which the overlap takes from the crops that straddle them.
+    received = {}
+    for name, m, p in (("plain", plain, plain_processor), ("overlap", model, processor)):
+        hook = m.fusion.register_forward_hook(lambda module, args, output, name=name: received.update({name: args[0]}))
+        with torch.no_grad():
+            m.get_image_features(chat_inputs(p)["pixel_values"])
+        hook.remove()
+    side, grid = model.config.patches_per_side, model.config.high_res_grid
+
+    def whole(tokens):  # (L, 1 + grid**2, P, d) -> low-res (L, P, d), high-res (L, G, G, d)
+        high = tokens[:, 1:].unflatten(1, (grid, grid)).unflatten(3, (side, side)).permute(0, 1, 3, 2, 4, 5)
+        return tokens[:, 0], high.reshape(tokens.shape[0], grid * side, grid * side, -1)
+
+    (plain_low, plain_high), (low, high) = whole(received["plain"]), whole(received["overlap"])
+    torch.testing.assert_close(low, plain_low, rtol=0, atol=0)
+    band = torch.zeros(grid * side, dtype=torch.bool)
+    # a band around the crop borders, wider than the patches the middle crop gives
+    band[side - side // 4 - 1 : side + side // 4 + 1] = True
+    outside = ~band[:, None] & ~band[None, :]
+    torch.testing.assert_close(high[:, outside], plain_high[:, outside], rtol=0, atol=0)
+    assert not torch.allclose(high[:, band[:, None] & band[None, :]], plain_high[:, band[:, None] & band[None, :]])
+    # generation and saving work as for the plain grid
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_model(tmp_path, device="cpu")
+    assert loaded.config.high_res_overlap and loaded_processor.num_views == 10
+    with torch.no_grad():
+        assert loaded.generate(**inputs, max_new_tokens=4, do_sample=False).tolist() == cached.tolist()
+    with pytest.raises(ValueError, match="high_res_overlap=True"):
+        model.get_image_features(chat_inputs(plain_processor)["pixel_values"])
+
+
+def test_overlapping_crops_need_an_even_number_of_patches_per_side():
+    with pytest.raises(ValueError, match="even number of patches per side"):
+        SparseCutConfig(
+            vision_config=tiny_vision_config(image_size=24), text_config=tiny_text_config(), high_res_overlap=True
+        )

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sparsecut.testing import tiny_model
-from sparsecut.vision import make_views
+from sparsecut.vision import make_views, stitch_overlapping_crops
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,50 @@ def test_views_are_the_low_res_image_and_the_high_res_crops():
     low_quadrants = [views[0][:, :8, :8], views[0][:, :8, 8:], views[0][:, 8:, :8], views[0][:, 8:, 8:]]
     for quadrant, colour in zip(low_quadrants, colours):
         np.testing.assert_allclose(quadrant[:, 2:6, 2:6].reshape(3, -1).mean(-1), np.array(colour) / 255, atol=0.02)
+
+
+def test_overlapping_views_are_crops_at_half_a_crops_stride():
+    # Every pixel of the 64 px image (the high-res view at grid 2 of 32 px views) gets its own value, so each
+    # crop must be exactly the 32 x 32 window at (16 x, 16 y) of the image.
+    values = np.arange(64 * 64, dtype=np.float64).reshape(64, 64) / (64 * 64) * 255
+    image = Image.fromarray(np.repeat(values[..., None], 3, axis=-1).round().astype(np.uint8))
+    views = make_views(image, 32, 2, mean=(0, 0, 0), std=(1, 1, 1), overlap=True)
+    assert views.shape == (10, 3, 32, 32)
+    pixels = np.asarray(image, dtype=np.float32)[..., 0] / 255
+    for index, crop in enumerate(views[1:]):
+        x, y = 16 * (index % 3), 16 * (index // 3)
+        np.testing.assert_allclose(crop[0], pixels[y : y + 32, x : x + 32], atol=1e-6)
+    plain = make_views(image, 32, 2, mean=(0, 0, 0), std=(1, 1, 1))
+    np.testing.assert_array_equal(plain[[0, 1, 2, 3, 4]], views[[0, 1, 3, 7, 9]])  # the corners are the plain crops
+
+
+def test_overlapping_crops_are_stitched_into_the_plain_layout_from_the_nearest_crop():
+    side, grid = 8, 2
+    k = 2 * grid - 1
+    # Label each token of each overlapping crop with its (row, col) in the whole high-res patch grid and the crop.
+    crop_rows = torch.arange(k).view(k, 1, 1, 1).expand(k, k, side, side) * side // 2
+    crop_cols = torch.arange(k).view(1, k, 1, 1).expand(k, k, side, side) * side // 2
+    local = torch.arange(side)
+    rows = crop_rows + local.view(1, 1, side, 1)
+    cols = crop_cols + local.view(1, 1, 1, side)
+    crop_id = torch.arange(k * k).view(k, k, 1, 1).expand(k, k, side, side)
+    labels = torch.stack([rows, cols, crop_id], dim=-1).reshape(1, k * k, side * side, 3).float()
+    tokens = torch.cat([torch.full((1, 1, side * side, 3), -1.0), labels], dim=1)  # (1, 1 + k*k, P, 3)
+    stitched = stitch_overlapping_crops(tokens, grid, side)  # (1, 1 + grid**2, P, 3)
+    assert stitched.shape == (1, 1 + grid * grid, side * side, 3)
+    assert (stitched[0, 0] == -1).all()  # the low-res view passes through
+    placed = stitched[0, 1:].view(grid, grid, side, side, 3).permute(0, 2, 1, 3, 4).reshape(grid * side, grid * side, 3)
+    want_r, want_c = torch.meshgrid(torch.arange(grid * side), torch.arange(grid * side), indexing="ij")
+    assert torch.equal(placed[..., 0], want_r.float()) and torch.equal(placed[..., 1], want_c.float())
+    # Each token comes from the crop whose centre is nearest: at least a quarter crop from any border of that crop
+    # that is not the image's edge, so the middle band comes from the middle crop, which the plain grid cuts.
+    crop = placed[..., 2].long()
+    top, left = (crop // k) * side // 2, (crop % k) * side // 2
+    for offset, start in ((want_r - top, top), (want_c - left, left)):
+        inner_low = start > 0
+        inner_high = start + side < grid * side
+        assert ((offset >= side // 4) | ~inner_low).all() and ((offset < side - side // 4) | ~inner_high).all()
+    assert (crop[side // 2 + 2 : side + side // 2 - 2, side // 2 + 2 : side + side // 2 - 2] == k * k // 2).all()
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 400), (400, 1), (37, 91)])

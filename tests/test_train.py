@@ -9,6 +9,7 @@ import yaml
 
 from sparsecut import load_model
 from sparsecut.shapesworld import generate_dataset
+from sparsecut.testing import tiny_model
 from sparsecut.train import StageConfig, TrainConfig, initial_model, set_trainable, train
 
 TINY_MODEL = {
@@ -493,3 +494,19 @@ def test_bf16_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypat
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         TrainConfig.from_dict({"output_dir": "unused", "mixed_precision": "bfloat16",
                                "stages": [{"name": "align", "data": "train.json"}]}, Path("."))
+
+
+def test_a_saved_model_can_be_trained_on_with_overlapping_crops(tmp_path):
+    model, processor = tiny_model(fusion="concat_mlp")
+    model.save_pretrained(tmp_path / "init")
+    processor.save_pretrained(tmp_path / "init")
+    stages = [{"name": "align", "data": "train.json"}]
+    config = TrainConfig.from_dict(
+        {"output_dir": "unused", "model": {"init": "init", "high_res_overlap": True}, "stages": stages}, tmp_path
+    )
+    loaded, loaded_processor = initial_model(config)
+    assert loaded.config.high_res_overlap and loaded_processor.num_views == loaded.config.num_views == 10
+    with pytest.raises(ValueError, match="model.config"):
+        TrainConfig.from_dict(
+            {"output_dir": "unused", "model": {**TINY_MODEL, "high_res_overlap": True}, "stages": stages}, tmp_path
+        )
