@@ -41,8 +41,6 @@ def test_default_model_answers_held_out_questions(tmp_path, default_model):
     assert score >= 0.85, pairs
 
 
-@pytest.mark.xfail(strict=True, reason="printed characters are read about three times in four, below the 0.8 "
-                   "target: 0.758 of the test split's 265 (0.697 on val), 13 of the 17 asked here (weights/README.md)")
 def test_default_model_reads_printed_characters(tmp_path, default_model):
     samples = [s for s in held_out(tmp_path, 40) if s.meta["family"] == "character"][:20]
     assert len(samples) >= 10
