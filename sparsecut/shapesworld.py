@@ -522,8 +522,8 @@ _TEMPLATES = {
                  "Which region contains {ref}?"),
     "relation": ("Is {ref} {rel} {ref2}?", "Is it true that {ref} is {rel} {ref2}?",
                  "Does {ref} appear {rel} {ref2}?"),
-    "relation_which": ("Is {ref} {choice} {ref2}?", "Relative to {ref2}, is {ref} {choice}?",
-                       "Compared with {ref2}, is {ref} {choice}?"),
+    "relation_which": ("Is {ref} {choice} {ref2}?", "Relative to {ref2}, is {ref} {choice_alone}?",
+                       "Compared with {ref2}, is {ref} {choice_alone}?"),
     "pattern": ("What pattern does {ref} have?", "What is the fill pattern of {ref}?", "How is {ref} filled?",
                 "Which pattern is on {ref}?"),
     "character": ("What character is printed on {ref}?", "Which letter or digit is written on {ref}?",
@@ -536,6 +536,8 @@ _TEMPLATES = {
 }
 _RELATION_PHRASE = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 _CHOICE_PHRASE = {"left/right": "to the left or to the right of", "above/below": "above or below"}
+# The same choice where no object follows it ("Relative to the star, is the circle to the left or to the right?").
+_CHOICE_ALONE = {"left/right": "to the left or to the right", "above/below": "above or below"}
 _OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 # Attributes a referring expression may use, per family: never the attribute being asked about, never the
 # region when the question is about positions, and never fine detail (pattern, character), so that only
@@ -686,7 +688,8 @@ def _relation_question(scene: Scene, rng: random.Random) -> QuestionSpec | None:
         if rng.random() < 0.5:
             relation = "left/right" if axis == "horizontal" else "above/below"
             text = rng.choice(_TEMPLATES["relation_which"]).format(
-                ref=ref.definite(), ref2=ref2.definite(), choice=_CHOICE_PHRASE[relation])
+                ref=ref.definite(), ref2=ref2.definite(), choice=_CHOICE_PHRASE[relation],
+                choice_alone=_CHOICE_ALONE[relation])
         else:
             true_relation = ("left" if col < col2 else "right") if axis == "horizontal" else \
                 ("above" if row < row2 else "below")

@@ -220,6 +220,15 @@ def test_references_never_give_the_answer_away(questions):
             assert getattr(q.ref, q.family) is None, q.text
 
 
+def test_which_side_questions_offer_both_sides_and_end_on_an_object_or_a_side(questions):
+    texts = [(q.text, q.relation) for _, q in questions if q.family == "relation" and "/" in q.relation]
+    assert {t.split()[0] for t, _ in texts} >= {"Is", "Relative", "Compared"}
+    for text, relation in texts:
+        first, second = relation.split("/")
+        assert first in text and second in text, text
+        # "Relative to the star, is the circle to the left or to the right of?" once left a preposition dangling.
+        assert not text.endswith(" of?"), text
+
 def test_all_families_and_several_phrasings_appear_in_balance(questions):
     families = Counter(q.family for _, q in questions)
     assert set(families) == set(FAMILIES)
