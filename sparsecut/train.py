@@ -83,8 +83,8 @@ class StageConfig:
     """Peak learning rate of the fusion module and the shortcut gates, if it should differ from the LLM's
     (LoRA or full): new modules usually want a higher one. None: `learning_rate`."""
     families: list[str] | None = None
-    """Train only on records whose `family` field is one of these (ShapesWorld writes one per record); None:
-    all records."""
+    """Train only on records whose `family` field is one of these (ShapesWorld writes one per record), and take
+    the held-out loss on those families of `eval_data` only; None: all records."""
     family_weights: dict[str, float] | None = None
     """Sampling weight per question family in the training data: a record of a family with weight w appears
     int(w) times, plus once more with probability w - int(w) (seeded), so a hard family can count for more
@@ -267,7 +267,7 @@ def _loader(
     path: str, image_root: str | None, processor, stage: StageConfig, shuffle: bool, seed: int, limit: int | None = None
 ) -> DataLoader:
     samples = load_llava_json(path, image_root=image_root or str(Path(path).parent))
-    if shuffle and stage.families is not None:
+    if stage.families is not None:  # the training data and the held-out loss alike
         samples = [sample for sample in samples if sample.meta.get("family") in stage.families]
         if not samples:
             raise ValueError(f"Stage {stage.name!r}: no record of {path} has a family in {stage.families}.")

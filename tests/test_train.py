@@ -265,14 +265,18 @@ def test_a_stage_can_train_on_chosen_families_only(tmp_path, shapes):
     from sparsecut.testing import tiny_model
     from sparsecut.train import _loader
 
-    train_json, _ = shapes
+    train_json, test_json = shapes
     families = {record["family"] for record in json.loads(open(train_json).read())}
     assert len(families) > 1
     _, processor = tiny_model()
-    keep = sorted(families)[:1]
+    keep = sorted(families & {record["family"] for record in json.loads(open(test_json).read())})[:1]
     stage = StageConfig(name="x", data=str(train_json), families=keep, batch_size=2)
     loader = _loader(str(train_json), None, processor, stage, shuffle=True, seed=0)
     assert {sample.meta["family"] for sample in loader.dataset.samples} == set(keep)
+    # The held-out loss is taken on the same families.
+    held_out = _loader(str(test_json), None, processor, stage, shuffle=False, seed=0)
+    held_out_families = {sample.meta["family"] for sample in held_out.dataset.samples}
+    assert held_out_families == set(keep) and len(held_out.dataset) < len(json.loads(open(test_json).read()))
     with pytest.raises(ValueError, match="no record"):
         _loader(str(train_json), None, processor, StageConfig(name="x", data="d", families=["nope"]), True, 0)
 
