@@ -229,6 +229,7 @@ def test_which_side_questions_offer_both_sides_and_end_on_an_object_or_a_side(qu
         # "Relative to the star, is the circle to the left or to the right of?" once left a preposition dangling.
         assert not text.endswith(" of?"), text
 
+
 def test_all_families_and_several_phrasings_appear_in_balance(questions):
     families = Counter(q.family for _, q in questions)
     assert set(families) == set(FAMILIES)
