@@ -112,6 +112,13 @@ class StageConfig:
     """Recompute LLM activations in backward to save memory."""
     num_workers: int = 0
     """DataLoader worker processes (they read and resize the images); 0: in the training process."""
+    average_with_start: float = 0.0
+    """At the end of the stage, move every parameter it trained this share of the way back to its value at the
+    stage's start: 0 keeps the trained weights, 0.5 saves the mean of the model before and after the stage (a
+    "model soup" of the two; LoRA's A and B matrices are averaged each on its own). Small CPU stages on the
+    default model ended below where they started on the families they weighted most, and their mean with the
+    start level with it or above (weights/README.md). The last log record then holds the held-out loss both
+    ways (`eval_loss` as trained, `averaged_eval_loss` after the move)."""
     seed: int | None = None
     """Seed of this stage's data order, family-weight coin tosses and random state; None: the run's `seed`
     (stages that continue one another on the same data can then see it in different orders)."""
@@ -123,6 +130,9 @@ class StageConfig:
         negative = {family: w for family, w in (self.family_weights or {}).items() if not w >= 0}
         if negative:
             raise ValueError(f"Stage {self.name!r}: family weights must be >= 0, got {negative}.")
+        if not 0 <= self.average_with_start <= 1:
+            raise ValueError(f"Stage {self.name!r}: average_with_start is a share in [0, 1], "
+                             f"got {self.average_with_start}.")
 
 
 @dataclass
@@ -404,6 +414,12 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
     if "lora" in stage.train:
         add_lora(model, config.lora)
     n_trainable = set_trainable(model, stage.train)
+    # The stage's starting point (also when resuming: the saved state is loaded after this).
+    start = (
+        {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        if stage.average_with_start
+        else {}
+    )
     if stage.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     train_loader = _loader(stage.data, stage.image_root, processor, stage, shuffle=True, seed=seed)
@@ -466,6 +482,11 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
             }
             if eval_loader is not None and ((stage.eval_every and step % stage.eval_every == 0) or step == total_steps):
                 record |= evaluate_loss(model, eval_loader, accelerator)
+            if step == total_steps and start:
+                average_with(accelerator.unwrap_model(model), start, stage.average_with_start)
+                record["average_with_start"] = stage.average_with_start
+                if eval_loader is not None:
+                    record |= {f"averaged_{k}": v for k, v in evaluate_loss(model, eval_loader, accelerator).items()}
             if accelerator.is_main_process:
                 with log_path.open("a") as log:
                     log.write(json.dumps(record) + "\n")
@@ -491,6 +512,18 @@ def run_stage(model, processor, stage: StageConfig, out_dir: Path, config: Train
             save_without_base(model, processor, out_dir, base_llm=config.model["llm"])
         plot_log(log_path, out_dir / "loss.png", title=f"{stage.name}: training loss")
     return model
+
+
+@torch.no_grad()
+def average_with(model, start: dict[str, torch.Tensor], weight: float) -> None:
+    """Move each parameter named in `start` `weight` of the way from its value now to its value there."""
+    params = dict(model.named_parameters())
+    for name, value in start.items():
+        param = params[name]
+        if param.shape != value.shape:
+            raise ValueError(f"average_with_start: {name} is {tuple(param.shape)} now but was {tuple(value.shape)} "
+                             "at the stage's start (a sharded model); use it without FSDP.")
+        param.lerp_(value.to(param.device, param.dtype), weight)
 
 
 def read_log(log_path: Path) -> list[dict]:

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from sparsecut import load_model
 from sparsecut.shapesworld import generate_dataset
 from sparsecut.testing import tiny_model
-from sparsecut.train import StageConfig, TrainConfig, initial_model, set_trainable, train
+from sparsecut.train import StageConfig, TrainConfig, initial_model, read_log, set_trainable, train
 
 TINY_MODEL = {
     "vision": {
@@ -514,3 +515,31 @@ def test_a_saved_model_can_be_trained_on_with_overlapping_crops(tmp_path):
         TrainConfig.from_dict(
             {"output_dir": "unused", "model": {**TINY_MODEL, "high_res_overlap": True}, "stages": stages}, tmp_path
         )
+
+
+def test_a_stage_can_end_on_the_mean_of_its_start_and_its_end(tmp_path, shapes):
+    train_json, test_json = shapes
+    common = {"data": str(train_json), "eval_data": str(test_json), "batch_size": 4, "learning_rate": 3e-3}
+    first = {**common, "name": "first", "train": ["fusion", "gates"], "max_steps": 3}
+
+    def run(name, **second):
+        stages = [first, {**common, "name": "second", "train": ["fusion", "gates", "llm"], "max_steps": 4, **second}]
+        (tmp_path / name).mkdir()
+        final = train(str(write_config(tmp_path / name, shapes, stages)))
+        weights = {stage: load_file(final.parent / stage / "model.safetensors") for stage in ("first", "second")}
+        return weights, read_log(final / "log.jsonl")
+
+    (plain, plain_log), (mean, mean_log) = run("plain"), run("mean", average_with_start=0.5)
+    assert plain["second"].keys() == mean["second"].keys() == plain["first"].keys()
+    moved = 0
+    for key, end in plain["second"].items():
+        start = plain["first"][key]
+        assert torch.equal(start, mean["first"][key])  # the same first stage both times
+        torch.testing.assert_close(mean["second"][key], (start + end) / 2, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(start, end)
+    assert moved > 10  # the stage trained the fusion and the LLM, and the saved model is half way back
+    assert mean_log[-1]["average_with_start"] == 0.5 and "average_with_start" not in plain_log[-1]
+    assert mean_log[-1]["eval_loss"] == pytest.approx(plain_log[-1]["eval_loss"])
+    assert mean_log[-1]["averaged_eval_loss"] != mean_log[-1]["eval_loss"]
+    with pytest.raises(ValueError, match="average_with_start"):
+        StageConfig(name="x", data="d", average_with_start=1.5)
