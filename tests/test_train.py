@@ -154,41 +154,55 @@ def test_lora_stage_ships_without_the_base_llm(tmp_path, shapes, monkeypatch):
         assert (quantized(**inputs).logits - reference).abs().mean() < 0.25 * reference.std()
 
 
-def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, shapes, monkeypatch):
-    train_json, _ = shapes
-    path = write_config(
-        tmp_path,
-        shapes,
-        [
-            {
-                "name": "align",
-                "data": str(train_json),
-                "train": ["fusion", "gates"],
-                "max_steps": 5,
-                "save_every": 2,
-                "batch_size": 4,
-            }
-        ],
-    )
+def crash_on_step(monkeypatch, n: int):
+    """Make the n-th optimizer step raise; returns a function that undoes it."""
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
 
-    def crash_on_fourth_step(self, *args, **kwargs):
+    def step(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == n:
             raise RuntimeError("simulated crash")
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_fourth_step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return lambda: monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+
+def align_stage(train_json, **extra) -> dict:
+    return {"name": "align", "data": str(train_json), "train": ["fusion", "gates"], "max_steps": 5, "save_every": 2,
+            "batch_size": 4, **extra}
+
+
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, shapes, monkeypatch):
+    train_json, _ = shapes
+    path = write_config(tmp_path, shapes, [align_stage(train_json)])
+    undo = crash_on_step(monkeypatch, 4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(str(path))
     stage_dir = tmp_path / "run" / "align"
     assert json.loads((stage_dir / "state" / "step.json").read_text())["step"] == 2
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    calls["n"] = 0
+    undo()
     train(str(path))
     steps = [json.loads(line)["step"] for line in (stage_dir / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # steps 1-2 from the first run, 3-5 after resuming, none twice
     assert not (stage_dir / "state").exists() and (stage_dir / "config.json").is_file()
+
+
+def test_a_resumed_stage_averages_with_where_the_stage_started_not_where_it_resumed(tmp_path, shapes, monkeypatch):
+    train_json, _ = shapes
+    stage = align_stage(train_json, average_with_start=1.0)  # 1.0: all the way back to the start
+    (tmp_path / "whole").mkdir(), (tmp_path / "resumed").mkdir()
+    whole = train(str(write_config(tmp_path / "whole", shapes, [stage])))
+    path = write_config(tmp_path / "resumed", shapes, [stage])
+    undo = crash_on_step(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(str(path))
+    undo()
+    resumed = train(str(path))
+    expected, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
 
 
 def test_encoding_labels_answers_only_and_truncates_without_cutting_images():
