@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
 
     compare = commands.add_parser("experiment", help="train and score model variants with one recipe")
     compare.add_argument("config", help="experiment yaml (sparsecut/experiment.py)")
+    compare.add_argument("--variants", nargs="+", default=None,
+                         help="run only these variants; the table still lists every finished one (so several "
+                              "such commands can run side by side)")
 
     look = commands.add_parser("probe", help="linear probes: which object attributes the image tokens carry")
     look.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: weights/)")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "experiment":
             from .experiment import experiment
 
-            results = experiment(args.config)
+            results = experiment(args.config, args.variants)
             print(results.read_text())
             print(results)
         elif args.command == "probe":

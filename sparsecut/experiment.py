@@ -21,11 +21,22 @@ even where the budget is too small for the LLM to learn to read it. Results go t
       llava: {fusion: none, schedule: none}
 
 Variants train one after another and a finished variant is not redone, so an interrupted experiment resumes.
+`variants` (`--variants` on the command line) runs only the named ones; the results still table every finished
+variant of the yaml, in its order. So variants can run side by side, in several processes on one GPU (a model as
+small as the default one keeps a GPU about a quarter busy) or one per GPU, once the data and the stage-0 encoder
+they share are in place; a last run without `--variants` tables them all:
+
+    sparsecut experiment configs/compare.yaml --variants llava            # makes the data and stage 0
+    for v in sparsecut sparsecut_concat fusion_only shortcuts_only; do
+        sparsecut experiment configs/compare.yaml --variants $v &
+    done; wait
+    sparsecut experiment configs/compare.yaml                              # trains nothing more; the table
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -136,33 +147,55 @@ def saved_or(path: Path, step, *args, **kwargs) -> dict:
     return json.loads(path.read_text()) if path.is_file() else step(*args, **kwargs)
 
 
-def experiment(path: str | Path) -> Path:
-    """Run every variant of an experiment yaml (training, evaluation, probes if asked); returns the results.md
-    path."""
+def experiment(path: str | Path, variants: list[str] | None = None) -> Path:
+    """Run the experiment yaml's variants, or only those named in `variants` (training, evaluation, probes if
+    asked), and table every finished variant; returns the results.md path."""
     path = Path(path).resolve()
     spec = yaml.safe_load(path.read_text())
+    names = list(spec["variants"])
+    unknown = [name for name in variants or () if name not in names]
+    if unknown:
+        raise ValueError(f"{path.name} has no variant {', '.join(unknown)}; its variants: {', '.join(names)}.")
     base_path = (path.parent / spec["base"]).resolve()
     raw_base = yaml.safe_load(base_path.read_text())
     out = (path.parent / spec["output_dir"]).resolve()
     evaluation = dict(spec.get("eval", {}))
     data = str((path.parent / evaluation.pop("data")).resolve())
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, overrides in spec["variants"].items():
-        config = variant_config(raw_base, base_path.parent, name, overrides, spec.get("stages", {}), out,
-                                spec.get("skip_stages", []))
+    for name in variants or names:
+        config = variant_config(raw_base, base_path.parent, name, spec["variants"][name], spec.get("stages", {}),
+                                out, spec.get("skip_stages", []))
         final = train(config)
         eval_dir = out / name / "eval"
-        scores = saved_or(eval_dir / "scores.json", evaluate, str(final), data, str(eval_dir), **evaluation)
-        probes = None
+        saved_or(eval_dir / "scores.json", evaluate, str(final), data, str(eval_dir), **evaluation)
         if "probe" in spec:
             settings = dict(spec["probe"])
             settings["data"] = str((path.parent / settings.get("data", "../data/shapesworld")).resolve())
             probe_dir = out / name / "probe"
-            probes = saved_or(probe_dir / "probe.json", probe, str(final), out_dir=str(probe_dir), **settings)
-        rows.append(summarise(name, scores, overrides or {}, probes))
-        (out / "results.json").write_text(json.dumps({"command": f"sparsecut experiment {path.name}",
-                                                      "variants": rows}, indent=2))
+            saved_or(probe_dir / "probe.json", probe, str(final), out_dir=str(probe_dir), **settings)
+        rows = finished_rows(spec, out)
+        write_atomically(out / "results.json", json.dumps({"command": f"sparsecut experiment {path.name}",
+                                                           "variants": rows}, indent=2))
     markdown = out / "results.md"
-    markdown.write_text(to_markdown(rows, spec.get("baseline")))
+    write_atomically(markdown, to_markdown(finished_rows(spec, out), spec.get("baseline")))
     return markdown
+
+
+def finished_rows(spec: dict, out: Path) -> list[dict]:
+    """A results row for each variant of `spec` whose scores (and probes, if the experiment asks for them) are
+    saved under `out`, in the yaml's order: also those another process ran."""
+    rows = []
+    for name, overrides in spec["variants"].items():
+        scores, probes = out / name / "eval" / "scores.json", out / name / "probe" / "probe.json"
+        if scores.is_file() and ("probe" not in spec or probes.is_file()):
+            found = json.loads(probes.read_text()) if "probe" in spec else None
+            rows.append(summarise(name, json.loads(scores.read_text()), overrides or {}, found))
+    return rows
+
+
+def write_atomically(path: Path, text: str):
+    """Write `text` to `path` through a temporary file, so that processes writing it side by side never leave
+    it half written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)

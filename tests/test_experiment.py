@@ -13,7 +13,8 @@ from sparsecut.experiment import variant_config
 from sparsecut.train import TrainConfig
 
 
-def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys):  # noqa: F811
+def write_experiment(tmp_path: Path, shapes, probe: bool = True) -> Path:  # noqa: F811
+    """A two-variant experiment (SparseCut, LLaVA-style baseline) of a tiny recipe, 3 steps each; its yaml."""
     train_json, test_json = shapes
     base = {
         "output_dir": "unused",
@@ -29,11 +30,16 @@ def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys)
         "eval": {"data": str(test_json), "limit": 6, "batch_size": 3, "max_new_tokens": 4},
         "stages": {"align": {"max_steps": 3}, "batch_size": 3},  # the shared budget overrides the base recipe's
         "baseline": "llava",
-        "probe": {"data": str(train_json.parent), "train_images": 8, "test_images": 4},
+        **({"probe": {"data": str(train_json.parent), "train_images": 8, "test_images": 4}} if probe else {}),
         "variants": {"sparsecut": {}, "llava": {"fusion": "none", "schedule": "none"}},
     }
     text = "# sparsecut experiment compare.yaml\n" + yaml.safe_dump(spec, sort_keys=False)
     (tmp_path / "compare.yaml").write_text(text)
+    return tmp_path / "compare.yaml"
+
+
+def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys):  # noqa: F811
+    write_experiment(tmp_path, shapes)
 
     main(["experiment", str(tmp_path / "compare.yaml")])
 
@@ -74,6 +80,33 @@ def test_variants_train_with_one_recipe_and_are_tabled(tmp_path, shapes, capsys)
     before = [path.stat().st_mtime_ns for path in saved]
     main(["experiment", str(tmp_path / "compare.yaml")])
     assert [path.stat().st_mtime_ns for path in saved] == before
+
+
+def test_variants_run_apart_are_tabled_together(tmp_path, shapes, capsys):  # noqa: F811
+    """`--variants` runs some variants (as side-by-side processes would); each run tables every finished one."""
+    config = write_experiment(tmp_path, shapes, probe=False)
+    runs = tmp_path / "runs"
+
+    main(["experiment", str(config), "--variants", "llava"])
+    assert [row["variant"] for row in json.loads((runs / "results.json").read_text())["variants"]] == ["llava"]
+    assert not (runs / "sparsecut").exists()
+    llava_scores = runs / "llava" / "eval" / "scores.json"
+    before = llava_scores.stat().st_mtime_ns
+
+    main(["experiment", str(config), "--variants", "sparsecut"])
+    rows = json.loads((runs / "results.json").read_text())["variants"]
+    assert [row["variant"] for row in rows] == ["sparsecut", "llava"]  # the yaml's order, the other run's row too
+    assert rows[1]["families"] == {family: found.get("accuracy", found.get("exact"))
+                                   for family, found in json.loads(llava_scores.read_text())["families"].items()}
+    assert llava_scores.stat().st_mtime_ns == before  # read, not redone
+    table = (runs / "results.md").read_text()
+    assert "| sparsecut |" in table and "| llava |" in table and "sparsecut: fine detail" in table
+    assert not list(runs.glob(".results*"))  # no temporary files left behind
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit):
+        main(["experiment", str(config), "--variants", "lava"])
+    assert "no variant lava; its variants: sparsecut, llava" in capsys.readouterr().err
 
 
 def saved_probes(tmp_path, variant: str) -> dict:
