@@ -173,12 +173,16 @@ def experiment(path: str | Path, variants: list[str] | None = None) -> Path:
             settings["data"] = str((path.parent / settings.get("data", "../data/shapesworld")).resolve())
             probe_dir = out / name / "probe"
             saved_or(probe_dir / "probe.json", probe, str(final), out_dir=str(probe_dir), **settings)
-        rows = finished_rows(spec, out)
-        write_atomically(out / "results.json", json.dumps({"command": f"sparsecut experiment {path.name}",
-                                                           "variants": rows}, indent=2))
-    markdown = out / "results.md"
-    write_atomically(markdown, to_markdown(finished_rows(spec, out), spec.get("baseline")))
-    return markdown
+        write_results(spec, out, path.name)
+    return out / "results.md"
+
+
+def write_results(spec: dict, out: Path, config_name: str):
+    """results.json and results.md under `out`: every variant finished so far, by this process or another."""
+    rows = finished_rows(spec, out)
+    write_atomically(out / "results.json", json.dumps({"command": f"sparsecut experiment {config_name}",
+                                                       "variants": rows}, indent=2))
+    write_atomically(out / "results.md", to_markdown(rows, spec.get("baseline")))
 
 
 def finished_rows(spec: dict, out: Path) -> list[dict]:
