@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     shapes.add_argument("--split", default="train")
     shapes.add_argument("--questions-per-image", type=int, default=4,
                         help="questions recorded per image (the default recipes' training split: 8)")
+    shapes.add_argument("--phrasing", choices=["standard", "train", "heldout"], default="standard",
+                        help="fixed templates (the standard splits), or questions as people ask them, in words from "
+                             "the training or the held-out pool (sparsecut/phrasing.py)")
 
     args = parser.parse_args(argv)
     try:
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             from .shapesworld import generate as generate_shapes
 
             print(generate_shapes(args.out_dir, args.n_images, args.seed, args.image_size, args.split,
-                                      args.questions_per_image))
+                                  args.questions_per_image, args.phrasing))
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
         print(f"sparsecut {args.command}: {error}", file=sys.stderr)
         raise SystemExit(1) from None

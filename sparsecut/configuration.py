@@ -101,6 +101,10 @@ class SparseCutConfig(PreTrainedConfig):
         shortcut_gate_init: initial value of the per-shortcut, per-channel gate; 0 makes a fresh model equal
             its shortcut-free baseline at step 0.
         lora: peft `LoraConfig` arguments of LoRA adapters injected into the LLM (stage 2), or None.
+        lora_needs_image: the LoRA adapters act only on conversations that hold an image; without one, the LLM
+            answers as its base model (exactly: the adapters are switched off for that forward pass and its
+            decode steps). For a small LLM whose adapters were trained on images alone, which otherwise carry
+            the image task into every text-only answer. A batch that mixes both keeps the adapters on.
         base_llm: where the LLM's base weights come from when a checkpoint ships without them (an alias such as
             "smollm2-135m", a .gguf file, a path or a hub id); None for checkpoints that contain the whole LLM.
         image_token: the placeholder token string in the tokenizer.
@@ -130,6 +134,7 @@ class SparseCutConfig(PreTrainedConfig):
     image_token_scale: float | None = None
     shortcut_gate_init: float = 0.0
     lora: dict | None = None
+    lora_needs_image: bool = False
     base_llm: str | None = None
     image_token: str = "<image>"
     image_token_id: int | None = None
@@ -150,6 +155,8 @@ class SparseCutConfig(PreTrainedConfig):
             raise ValueError(f"image_token_scale must be a positive number or None, got {self.image_token_scale!r}.")
         if not isinstance(self.high_res_grid, int) or self.high_res_grid < 1:
             raise ValueError(f"high_res_grid must be an integer >= 1, got {self.high_res_grid!r}.")
+        if not isinstance(self.lora_needs_image, bool):
+            raise ValueError(f"lora_needs_image must be true or false, got {self.lora_needs_image!r}.")
         if not isinstance(self.high_res_overlap, bool):
             raise ValueError(f"high_res_overlap must be true or false, got {self.high_res_overlap!r}.")
         if self.append_high_res_tokens and self.fusion != "none":

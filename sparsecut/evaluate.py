@@ -68,6 +68,7 @@ def evaluate(
     predictions = predict(loaded, processor, samples, batch_size, max_new_tokens, input_lengths=lengths)
     records = [
         {"id": s.id, "family": s.meta.get("family", "other"), "prediction": p, "answer": s.turns[1][1]}
+        | {key: s.meta[key] for key in ("form", "short") if key in s.meta}  # asked for a sentence, a reason, ...
         for s, p in zip(samples, predictions)
     ]
     scores = score(records)

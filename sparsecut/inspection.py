@@ -40,6 +40,7 @@ from .images import InvalidInputError, load_image
 from .modeling import ShortcutStats, SparseCutForConditionalGeneration
 from .processing import SparseCutProcessor
 from .vision import pad_to_square
+from .world_check import WorldCheck
 
 logger = logging.getLogger(__name__)
 
@@ -236,11 +237,13 @@ class ChatEngine:
         quantization: str = "none",
         max_new_tokens: int = 128,
         notices: Sequence[str] = (),
+        world_check: WorldCheck | None = None,
     ):
         self.model = model
         self.processor = processor
         self.quantization = quantization
         self.notices = list(notices)  # what the operator should know about how the model was loaded
+        self.world_check = world_check  # tells pictures unlike the model's training world (None: no check)
         self.config = model.config
         self.context_length: int | None = getattr(self.config.text_config, "max_position_embeddings", None)
         if self.context_length is not None:
@@ -265,7 +268,7 @@ class ChatEngine:
         A quantization that bitsandbytes cannot give here (the package is missing, or it cannot quantize on
         this device) falls back to no quantization with a logged warning and a line in `notices`, instead of
         failing: the demo still runs, at full precision."""
-        from .build import load_model, quantization_unavailable, resolve_device
+        from .build import DEFAULT_WEIGHTS, load_model, quantization_unavailable, resolve_device
 
         target = resolve_device(device)
         notices = []
@@ -284,9 +287,17 @@ class ChatEngine:
                 notices.append(f"{quantization} quantization was asked for, but {problem}: loading it unquantized.")
                 quantization = "none"
             loaded, processor = load_model(model, quantization=quantization, device=str(target))
+        world_check = None if model == TINY else WorldCheck.for_model(DEFAULT_WEIGHTS if model is None else model)
         for notice in notices:
             logger.warning(notice)
-        return cls(loaded, processor, quantization=quantization, max_new_tokens=max_new_tokens, notices=notices)
+        return cls(loaded, processor, quantization=quantization, max_new_tokens=max_new_tokens, notices=notices,
+                   world_check=world_check)
+
+    def outside_world(self, image: Image.Image) -> str | None:
+        """The notice for a picture outside the model's training world, or None (also when there is no check)."""
+        if self.world_check is None or not self.world_check.is_outside(self.model, self.processor, image):
+            return None
+        return self.world_check.notice()
 
     # --- facts for the UI ----------------------------------------------------------------------------------
     @property
@@ -642,6 +653,9 @@ class ChatSession:
         try:
             if image is not None:
                 turn.image = load_image(image)
+                outside = engine.outside_world(turn.image)
+                if outside is not None:
+                    turn.notices.append(outside)
                 if history:
                     turn.notices.append("New image: earlier turns are no longer sent to the model.")
                 history = []

@@ -52,6 +52,37 @@ def is_correct(pred: str, gold: str) -> bool:
     return exact_match(pred, gold)
 
 
+def _words(text: str) -> list[str]:
+    """Lower-case words, number words as digits; articles kept (the letter "A" is a word here)."""
+    return [_NUMBER_WORDS.get(w, w) for w in re.findall(r"[a-z0-9]+", text.lower())]
+
+
+def states_answer(pred: str, short: str, form: str) -> bool:
+    """Whether an answer in `form` (`sparsecut.phrasing.FORMS`) is right and in that form.
+
+    short: `is_correct` (one word or number; "Yes, there is." counts for yes). sentence and reason: a sentence
+    of at least three words, ending in a full stop, that starts with yes/no for a yes/no question, and else
+    contains the short answer as whole words (a count of 0 may say "no"/"none"); a reason must also go on past
+    its claim (a ":" or "because" then more words). prose: two sentences or more.
+    """
+    text = pred.strip()
+    if form == "short":
+        return is_correct(text, short)
+    words = _words(text)
+    if len(words) < 3 or not text.endswith("."):
+        return False
+    if form == "prose":
+        return text.count(". ") >= 1
+    if form == "reason" and not re.search(r"(:|\bbecause\b)\s*\w", text):
+        return False
+    if _is_yes_no(short):
+        return parse_yes_no(text) == normalize_answer(short)
+    gold = _words(short)
+    if gold == ["0"] and ({"no", "none"} & set(words)):
+        return True
+    return any(words[i : i + len(gold)] == gold for i in range(len(words) - len(gold) + 1))
+
+
 def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
@@ -97,8 +128,11 @@ _OBJECT = re.compile(r"an? (\w+) (\w+) (\w+) (\w+)"  # size, colour, pattern, sh
 
 def parse_description(text: str) -> list[DescribedObject | None]:
     """Parse a canonical description, one entry per "; "-separated part, None for a part that does not
-    parse. Case, extra whitespace and a final period are tolerated."""
+    parse. Case, extra whitespace and a final period are tolerated. Prose (sentences, no "; ") gives every
+    object described in it in the canonical words (`sparsecut.phrasing.describe_as_prose`)."""
     text = " ".join(text.lower().split()).rstrip(". ")
+    if ";" not in text and ". " in text:  # prose ("The picture shows 2 shapes. There is a ..."): every object found
+        return [DescribedObject(*m.groups()) for m in _OBJECT.finditer(text)]
     parts = [p.strip() for p in text.split(";")]
     return [DescribedObject(*m.groups()) if (m := _OBJECT.fullmatch(p)) else None for p in parts if p]
 
@@ -136,8 +170,12 @@ def score(records: list[dict]) -> dict:
 
     Each record has "family", "prediction" and "answer". Every short-answer family gets "n" and "accuracy";
     one with yes/no questions also gets `yes_no_metrics` over those questions ("precision", "recall", "f1",
-    "yes_ratio"). The "description" family gets `description_metrics`.
+    "yes_ratio"). The "description" family gets `description_metrics`. Records that ask for a sentence, a
+    reason or prose (a "form", with the bare answer in "short": `sparsecut.phrasing`) are scored apart, per
+    form, by `states_answer`; prose descriptions also count as descriptions.
     """
+    formed = [r for r in records if r.get("form") in ("sentence", "reason", "prose")]
+    records = [r for r in records if r.get("form") not in ("sentence", "reason")]  # prose: also a description
     by_family: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_family[r["family"]].append(r)
@@ -156,7 +194,14 @@ def score(records: list[dict]) -> dict:
             metrics |= {k: pope[k] for k in ("precision", "recall", "f1", "yes_ratio")}
         families[family] = metrics
         correct, total = correct + hits, total + len(rs)
-    return {"families": families, "overall": {"n": total, "accuracy": _ratio(correct, total)}}
+    scores = {"families": families, "overall": {"n": total, "accuracy": _ratio(correct, total)}}
+    if formed:
+        scores["forms"] = {}
+        for form in sorted({r["form"] for r in formed}):
+            rs = [r for r in formed if r["form"] == form]
+            hits = sum(states_answer(r["prediction"], r["short"], form) for r in rs)
+            scores["forms"][form] = {"n": len(rs), "accuracy": hits / len(rs)}
+    return scores
 
 
 def to_markdown(scores: dict) -> str:
@@ -177,4 +222,7 @@ def to_markdown(scores: dict) -> str:
     if scores["overall"]["n"]:  # no overall row when only descriptions were scored
         rows.append(("**overall**", scores["overall"]))
     lines += [f"| {name} | " + " | ".join(cell(m, key) for key, _ in columns) + " |" for name, m in rows]
+    if scores.get("forms"):
+        lines += ["", "| answer asked for | n | in that form and right |", "|---|---|---|"]
+        lines += [f"| {form} | {m['n']} | {m['accuracy']:.3f} |" for form, m in scores["forms"].items()]
     return "\n".join(lines)

@@ -114,7 +114,28 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
             inject_lora(self.language_model, config.lora)
         self.shortcuts = SparseShortcuts(config)
         self.shortcuts.attach(self.decoder_layers)
+        self._adapters_on = True  # what the last prefill decided (`_switch_adapters`); decode steps keep it
         self.post_init()
+
+    def _switch_adapters(self, input_ids, pixel_values, past_key_values) -> None:
+        """With `config.lora_needs_image`, switch the LoRA adapters off for a text-only conversation. A prefill
+        (empty cache) decides from its tokens; a decode step (one new token, no image) keeps that decision."""
+        if not (self.config.lora and self.config.lora_needs_image):
+            return
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if not prefill:
+            return
+        image_tokens = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
+        on = pixel_values is not None or image_tokens
+        if on == self._adapters_on:
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # peft's own `enable_adapters` also sets requires_grad, which is `train.set_trainable`'s to decide.
+        for module in self.language_model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module._disable_adapters = not on
+        self._adapters_on = on
 
     # --- backbone access -------------------------------------------------------------------------------------
     @property
@@ -250,6 +271,7 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         same for `generate`.
         """
         want_stats = output_shortcut_stats or self._stats_sink is not None
+        self._switch_adapters(input_ids, pixel_values, past_key_values)
         features = None
         if pixel_values is not None:
             if input_ids is None:

@@ -739,14 +739,22 @@ def make_questions(scene: Scene, n: int, rng: random.Random,
 
 
 def generate_dataset(out_dir: str | Path, n_images: int, seed: int = 0, image_size: int = 128,
-                     questions_per_image: int = 4, split: str = "train") -> Path:
+                     questions_per_image: int = 4, split: str = "train", phrasing: str = "standard") -> Path:
     """Render `n_images` scenes and write a LLaVA-format VQA dataset; returns the path of the JSON file.
 
     Writes `out_dir/images/<split>_<index>.png`, `out_dir/<split>.json` (one question per record, with an
     extra "family" key) and `out_dir/<split>_scenes.json` (each image's scene graph, keyed by image path,
     from which every answer and `scene_labels` can be re-derived). Every image has its own random stream
     (`scene_rng`), so splits never share a scene and image i is the same whatever n_images is.
+
+    `phrasing` "standard" asks each family in its fixed templates (the standard splits); "train" or "heldout"
+    asks it in words drawn from that pool of `sparsecut.phrasing`, with answers in the form asked for (records
+    then also carry "form" and "short", the bare answer).
     """
+    from .phrasing import POOLS, rephrase
+
+    if phrasing != "standard" and phrasing not in POOLS:
+        raise ValueError(f"phrasing must be 'standard' or one of {POOLS}, got {phrasing!r}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     samples, scenes, asked = [], {}, Counter()
@@ -757,9 +765,15 @@ def generate_dataset(out_dir: str | Path, n_images: int, seed: int = 0, image_si
         render(scene, image_size).save(out_dir / image_path, compress_level=1)
         scenes[image_path] = scene_to_dict(scene)
         for j, q in enumerate(make_questions(scene, questions_per_image, rng, asked)):
+            text, reply, meta = q.text, None, {"family": q.family}
+            if phrasing == "standard":
+                reply = answer(scene, q)
+            else:
+                phrased = rephrase(scene, q, rng, phrasing)
+                text, reply = phrased.text, phrased.answer
+                meta |= {"form": phrased.form, "short": phrased.short}
             samples.append(Sample(id=f"{split}_{i:06d}_{j}", image=image_path,
-                                  turns=[("user", "<image>\n" + q.text), ("assistant", answer(scene, q))],
-                                  meta={"family": q.family}))
+                                  turns=[("user", "<image>\n" + text), ("assistant", reply)], meta=meta))
     json_path = out_dir / f"{split}.json"
     save_llava_json(samples, json_path)
     (out_dir / f"{split}_scenes.json").write_text(json.dumps(scenes))
@@ -772,13 +786,13 @@ def load_scenes(path: str | Path) -> dict[str, Scene]:
 
 
 def generate(out_dir: str, n_images: int = 1000, seed: int = 0, image_size: int = 128, split: str = "train",
-             questions_per_image: int = 4) -> str:
+             questions_per_image: int = 4, phrasing: str = "standard") -> str:
     """Command-line entry point: generate one split of ShapesWorld into `out_dir`.
 
     Returns the path of the LLaVA JSON file written.
     """
     return str(generate_dataset(out_dir, n_images, seed=seed, image_size=image_size,
-                                questions_per_image=questions_per_image, split=split))
+                                questions_per_image=questions_per_image, split=split, phrasing=phrasing))
 
 
 # ----------------------------------------------------------------------------------------------------------
