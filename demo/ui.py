@@ -69,6 +69,12 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Block
         pending = gr.State(None)  # the submitted message, saved while the textbox is cleared
         gr.Markdown(HEADER)
         gr.Markdown(f"**Model**: {engine.describe()}")
+        if engine.world_check is not None:
+            gr.Markdown(
+                f"This model was trained only on {engine.world_check.world}. Ask about any picture, but for one "
+                "that is not such a scene the chat says so: its answers there are guesses."
+                + (" Without a picture it answers as its base LLM." if engine.config.lora_needs_image else "")
+            )
         for notice in engine.notices:
             gr.Markdown(f"⚠️ {notice}")
         with gr.Row(equal_height=False):
