@@ -11,6 +11,9 @@ writing); no model is trained on them.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -80,3 +83,19 @@ def compare_with_base(model, processor, base_llm, prompts=PROMPTS, max_new_token
         rows.append(row)
     return {"n": len(rows), "equal": sum(r["equal"] for r in rows) / max(1, len(rows)),
             "mean_kl": kl_sum / max(1, kl_tokens), "answers": rows}
+
+
+def text_only(model: str | None = None, out_dir: str | None = None, max_new_tokens: int = 48) -> dict:
+    """Command-line entry point: compare a checkpoint (None: the default model) with its base LLM on `PROMPTS`;
+    writes text_only.json (every answer) to `out_dir` if given. The checkpoint must name its base LLM."""
+    from .build import load_llm, load_model
+
+    loaded, processor = load_model(model, device="cpu")
+    if not loaded.config.base_llm:
+        raise ValueError("This checkpoint contains its whole LLM and names no base LLM to compare with.")
+    base, _ = load_llm(loaded.config.base_llm)
+    result = compare_with_base(loaded, processor, base.eval(), PROMPTS, max_new_tokens)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "text_only.json").write_text(json.dumps(result, indent=2))
+    return result

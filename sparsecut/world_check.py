@@ -16,6 +16,7 @@ the real world are never used to fit or calibrate it.
 
 from __future__ import annotations
 
+import glob
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,3 +147,45 @@ def real_photos() -> dict[str, np.ndarray]:
     photos |= {name: image for name, image in zip(samples.filenames, samples.images) if Path(name).name in
                SKLEARN_PHOTOS}
     return {Path(name).stem: image for name, image in photos.items()}
+
+
+def fit_for_checkpoint(
+    model: str | None,
+    images: str,
+    calibration_images: str,
+    world: str,
+    quantile: float = 0.995,
+    out: str | None = None,
+) -> Path:
+    """Command-line entry point: fit a check for a checkpoint (None: the default model) on the images matching
+    the glob `images`, calibrate it on `calibration_images`, save it beside the checkpoint (or to `out`)."""
+    from .build import DEFAULT_WEIGHTS, load_model
+
+    loaded, processor = load_model(model, device="cpu")
+    fitted, calibration = sorted(glob.glob(images)), sorted(glob.glob(calibration_images))
+    if not fitted or not calibration:
+        raise FileNotFoundError(f"No images match {images if not fitted else calibration_images!r}.")
+    check = WorldCheck.fit(loaded, processor, fitted, calibration, quantile=quantile, world=world)
+    path = Path(out) if out else Path(model or DEFAULT_WEIGHTS) / FILE_NAME
+    check.save(path)
+    return path
+
+
+def report(model: str | None, in_world_images: str) -> dict:
+    """Command-line entry point: the share of in-world images (a glob; a split never used to fit or calibrate)
+    that the checkpoint's check flags, and the distance and verdict for each bundled real photo."""
+    from .build import DEFAULT_WEIGHTS, load_model
+
+    loaded, processor = load_model(model, device="cpu")
+    check = WorldCheck.for_model(model or DEFAULT_WEIGHTS)
+    if check is None:
+        raise FileNotFoundError(f"{model or DEFAULT_WEIGHTS} has no {FILE_NAME}; fit one first.")
+    in_world = check.distances(loaded, processor, sorted(glob.glob(in_world_images)))
+    photos = real_photos()
+    distances = check.distances(loaded, processor, list(photos.values()))
+    return {
+        "threshold": check.threshold,
+        "in_world": {"n": len(in_world), "flagged": int((in_world > check.threshold).sum())},
+        "photos": {name: {"distance": float(d), "flagged": bool(d > check.threshold)}
+                   for name, d in zip(photos, distances)},
+    }
