@@ -67,13 +67,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .build import DEFAULT_WEIGHTS, build, is_checkpoint, load_model
-from .configuration import SparseCutConfig
-from .fusion import Projector
-from .modeling import SparseCutForConditionalGeneration
-from .pretrain_vision import DEFAULT_ENCODER
-from .processing import SparseCutProcessor
-from .testing import byte_tokenizer, tiny_text_config, tiny_vision_config
+from sparsecut.build import DEFAULT_WEIGHTS, build, is_checkpoint, load_model
+from sparsecut.configuration import SparseCutConfig
+from sparsecut.fusion import Projector
+from sparsecut.modeling import SparseCutForConditionalGeneration
+from sparsecut.processing import SparseCutProcessor
+from sparsecut.testing import byte_tokenizer, tiny_text_config, tiny_vision_config
+from sparsecut.training.pretrain_vision import DEFAULT_ENCODER
 
 # --- what is measured ---------------------------------------------------------------------------------------
 VARIANTS = ("sparsecut", "sparsecut+stats", "llava", "appended")

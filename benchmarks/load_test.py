@@ -47,9 +47,10 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's `demo` a
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.utils import QueueError  # noqa: E402
 
+from demo.engine import ChatEngine, ChatSession, GenerationSettings  # noqa: E402
 from demo.ui import build_demo, launch  # noqa: E402
-from sparsecut import shapesworld  # noqa: E402
-from sparsecut.inspection import ChatEngine, ChatSession, GenerationSettings, render_visuals  # noqa: E402
+from sparsecut.data import shapesworld  # noqa: E402
+from sparsecut.inspection import render_visuals  # noqa: E402
 
 MAX_SESSIONS, MAX_TURNS = 64, 10  # bounds on what one run may ask of the machine
 IMAGE_SIZE = 128
@@ -236,7 +237,7 @@ def machine() -> dict:
     import psutil
     import torch
 
-    from sparsecut.bench import cpu_model, load_average, version
+    from benchmarks.bench import cpu_model, load_average, version
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
@@ -304,7 +305,7 @@ def markdown(report: dict) -> str:
 def default_out() -> Path:
     import torch
 
-    from sparsecut.bench import cpu_model, slug
+    from benchmarks.bench import cpu_model, slug
 
     device = f"cuda-{slug(torch.cuda.get_device_name())}" if torch.cuda.is_available() else f"cpu-{slug(cpu_model())}"
     return ROOT / "benchmarks" / "results" / f"load-{device}.json"

@@ -1,6 +1,7 @@
 """The Gradio UI of the sparsecut demo: layout and event wiring only.
 
-Every number and picture comes from `sparsecut.inspection` (sessions, generation, visualisations); the
+Every number and picture comes from `demo.engine` (sessions, generation) and `sparsecut.inspection`
+(visualisations); the
 functions here turn Gradio values into library calls and library results into component values.
 
 Endpoints (see README, "Demo"): `/chat` takes {"text": ..., "files": [...]} and streams the reply text;
@@ -15,17 +16,10 @@ from contextlib import closing
 import gradio as gr
 import numpy as np
 
-from sparsecut.inspection import (
-    VIEW_SIZE,
-    ChatEngine,
-    ChatSession,
-    GenerationSettings,
-    patch_at,
-    render_visuals,
-)
-
-from .examples import EXAMPLES_DIR, Example
-from .hosting import gpu
+from demo.engine import ChatEngine, ChatSession, GenerationSettings
+from demo.examples import EXAMPLES_DIR, Example
+from demo.hosting import gpu
+from sparsecut.inspection import VIEW_SIZE, patch_at, render_visuals
 
 MAX_QUEUE = 32  # requests waiting beyond this are turned away with "queue full"
 MAX_UPLOAD = "10mb"

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     timing.add_argument("--compile", action="store_true", help="CUDA: static KV cache + torch.compile decode")
     timing.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
 
-    fit = commands.add_parser("train", help="run every stage of a training config (sparsecut/train.py)")
+    fit = commands.add_parser("train", help="run every stage of a training config (sparsecut/training/train.py)")
     fit.add_argument("config", help="training yaml (its first line says how to run it)")
     fit.add_argument("--no-resume", action="store_true", help="restart every stage from scratch")
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     compare = commands.add_parser("experiment", help="train and score model variants with one recipe")
-    compare.add_argument("config", help="experiment yaml (sparsecut/experiment.py)")
+    compare.add_argument("config", help="experiment yaml (sparsecut/training/experiment.py)")
     compare.add_argument("--variants", nargs="+", default=None,
                          help="run only these variants; the table still lists every finished one (so several "
                               "such commands can run side by side)")
@@ -149,15 +149,15 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "info":
             info(args.model)
         elif args.command == "bench":
-            from .bench import bench
+            from benchmarks.bench import bench
 
             bench(args.model, args.quick, args.device, args.quantization, args.out_dir, args.compile, args.threads)
         elif args.command == "train":
-            from .train import train
+            from .training.train import train
 
             print(train(args.config, resume=not args.no_resume))
         elif args.command == "eval":
-            from .evaluate import evaluate
+            from .evaluation.evaluate import evaluate
 
             scores = evaluate(
                 args.model, args.data, args.out_dir, args.limit, args.batch_size, args.device,
@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(json.dumps(scores, indent=2))
         elif args.command == "experiment":
-            from .experiment import experiment
+            from .training.experiment import experiment
 
             results = experiment(args.config, args.variants)
             print(results.read_text())
             print(results)
         elif args.command == "probe":
-            from .probe import llm_probe, llm_probe_markdown, probe, to_markdown
+            from .evaluation.probe import llm_probe, llm_probe_markdown, probe, to_markdown
 
             if args.llm:
                 print(llm_probe_markdown(llm_probe(args.model, args.data, args.families, args.train_questions,
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(to_markdown(probe(args.model, args.data, args.train_images, args.test_images, args.out_dir,
                                         args.device)))
         elif args.command == "shapesworld":
-            from .shapesworld import generate as generate_shapes
+            from .data.shapesworld import generate as generate_shapes
 
             print(generate_shapes(args.out_dir, args.n_images, args.seed, args.image_size, args.split,
                                       args.questions_per_image))

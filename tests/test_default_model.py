@@ -4,10 +4,10 @@ import pytest
 
 from sparsecut import load_model
 from sparsecut.build import DEFAULT_WEIGHTS
-from sparsecut.evaluate import predict
-from sparsecut.llava_format import load_llava_json
-from sparsecut.metrics import is_correct
-from sparsecut.shapesworld import generate_dataset
+from sparsecut.data.llava_format import load_llava_json
+from sparsecut.data.shapesworld import generate_dataset
+from sparsecut.evaluation.evaluate import predict
+from sparsecut.evaluation.metrics import is_correct
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_WEIGHTS / "config.json").is_file(), reason="the default model is not in weights/"

@@ -9,8 +9,8 @@ from test_train import TINY_MODEL, shapes  # noqa: F401  (pytest fixture)
 
 from sparsecut.cli import main
 from sparsecut.configuration import SparseCutConfig
-from sparsecut.experiment import variant_config
-from sparsecut.train import TrainConfig
+from sparsecut.training.experiment import variant_config
+from sparsecut.training.train import TrainConfig
 
 
 def write_experiment(tmp_path: Path, shapes, probe: bool = True) -> Path:  # noqa: F811

@@ -1,4 +1,4 @@
-"""Tests for sparsecut.images: loading untrusted images safely and normalising them to upright RGB."""
+"""Tests for sparsecut.data.images: loading untrusted images safely and normalising them to upright RGB."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-import sparsecut.images
-from sparsecut.images import InvalidInputError, image_summary, load_image
+import sparsecut.data.images
+from sparsecut.data.images import InvalidInputError, image_summary, load_image
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
 WHITE = (255, 255, 255)
-IMAGES_MODULE = Path(sparsecut.images.__file__)
+IMAGES_MODULE = Path(sparsecut.data.images.__file__)
 
 # Small limit for the fuzz tests: a mutated header can declare any size, and decoding a canvas of up
 # to the default 100 megapixels per example would make the suite slow and memory hungry.

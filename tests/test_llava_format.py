@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsecut.llava_format import Sample, group_by_image, load_llava_json, sample_to_messages, save_llava_json
+from sparsecut.data.llava_format import Sample, group_by_image, load_llava_json, sample_to_messages, save_llava_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llava_tiny.json"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsecut.probe import centre_patch, probe, probe_predictions
+from sparsecut.evaluation.probe import centre_patch, probe, probe_predictions
 
 
 def test_centre_patch_is_the_patch_under_the_point():
@@ -32,8 +32,8 @@ def test_a_probe_reads_what_is_there_and_not_what_is_not():
 
 def probed(tmp_path, monkeypatch, train_images: int, test_images: int):
     """(model, results) of `probe` over a fresh 64 px ShapesWorld and a tiny random model."""
-    from sparsecut import probe as probe_module
-    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.data.shapesworld import generate_dataset
+    from sparsecut.evaluation import probe as probe_module
     from sparsecut.testing import tiny_model
 
     for split, n in (("train", train_images), ("test", test_images)):
@@ -58,8 +58,8 @@ def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
 
 
 def test_projector_input_is_the_feature_layers_low_res_token_with_its_high_res_neighbours(tmp_path):
-    from sparsecut.probe import centre_patch, object_tokens
-    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.data.shapesworld import generate_dataset
+    from sparsecut.evaluation.probe import centre_patch, object_tokens
     from sparsecut.testing import tiny_model
     from sparsecut.vision import encode_layers
 
@@ -84,7 +84,7 @@ def test_projector_input_is_the_feature_layers_low_res_token_with_its_high_res_n
 
 
 def test_characters_are_scored_apart_for_glyphs_the_crops_cut_and_glyphs_one_crop_shows(tmp_path, monkeypatch):
-    from sparsecut.shapesworld import SceneObject, glyph_cut_by_grid
+    from sparsecut.data.shapesworld import SceneObject, glyph_cut_by_grid
 
     model, results = probed(tmp_path, monkeypatch, 200, 60)
 
@@ -105,7 +105,7 @@ def test_characters_are_scored_apart_for_glyphs_the_crops_cut_and_glyphs_one_cro
 
 def llm_probe_data(tmp_path):
     """A fresh 64 px ShapesWorld (8 questions an image, so every attribute family is asked) and a tiny model."""
-    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.data.shapesworld import generate_dataset
     from sparsecut.testing import tiny_model
 
     for split, n in (("train", 10), ("test", 6)):
@@ -114,8 +114,8 @@ def llm_probe_data(tmp_path):
 
 
 def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_predicted(tmp_path):
-    from sparsecut.llava_format import load_llava_json, sample_to_messages
-    from sparsecut.probe import question_states
+    from sparsecut.data.llava_format import load_llava_json, sample_to_messages
+    from sparsecut.evaluation.probe import question_states
 
     model, processor = llm_probe_data(tmp_path)
     depth = model.config.text_config.num_hidden_layers
@@ -143,8 +143,8 @@ def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_p
 
 
 def test_llm_probe_scores_every_layer_family_and_position(tmp_path, monkeypatch):
-    from sparsecut import probe as probe_module
-    from sparsecut.probe import llm_probe
+    from sparsecut.evaluation import probe as probe_module
+    from sparsecut.evaluation.probe import llm_probe
 
     model, processor = llm_probe_data(tmp_path)
     monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))

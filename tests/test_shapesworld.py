@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparsecut.llava_format import load_llava_json
-from sparsecut.metrics import parse_description
-from sparsecut.shapesworld import (
+from sparsecut.data.llava_format import load_llava_json
+from sparsecut.data.shapesworld import (
     CHAR_SHAPES,
     CHARS,
     COLOUR_RGB,
@@ -45,6 +44,7 @@ from sparsecut.shapesworld import (
     scene_rng,
     scene_to_dict,
 )
+from sparsecut.evaluation.metrics import parse_description
 
 N_SCENES = 150  # enough to hit every family and phrasing many times, small enough to stay fast
 

@@ -9,9 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 from sparsecut import load_model
-from sparsecut.shapesworld import generate_dataset
+from sparsecut.data.shapesworld import generate_dataset
 from sparsecut.testing import tiny_model
-from sparsecut.train import StageConfig, TrainConfig, initial_model, read_log, set_trainable, train
+from sparsecut.training.train import StageConfig, TrainConfig, initial_model, read_log, set_trainable, train
 
 TINY_MODEL = {
     "vision": {
@@ -206,8 +206,8 @@ def test_a_resumed_stage_averages_with_where_the_stage_started_not_where_it_resu
 
 
 def test_encoding_labels_answers_only_and_truncates_without_cutting_images():
-    from sparsecut.data import IGNORE_INDEX, encode_sample
-    from sparsecut.llava_format import Sample
+    from sparsecut.data.collate import IGNORE_INDEX, encode_sample
+    from sparsecut.data.llava_format import Sample
     from sparsecut.testing import tiny_model
 
     _, processor = tiny_model()
@@ -227,7 +227,7 @@ def test_encoding_labels_answers_only_and_truncates_without_cutting_images():
 
 
 def test_length_grouped_batches_cover_the_data_once_with_little_padding():
-    from sparsecut.train import LengthGroupedBatches
+    from sparsecut.training.train import LengthGroupedBatches
 
     lengths = [int(x) for x in torch.randint(20, 300, (1000,), generator=torch.Generator().manual_seed(0))]
     sampler = LengthGroupedBatches(lengths, batch_size=8, seed=0, window=16)
@@ -246,7 +246,7 @@ def test_length_grouped_batches_cover_the_data_once_with_little_padding():
 
 
 def test_the_grounding_check_gives_every_sample_another_image():
-    from sparsecut.train import other_images
+    from sparsecut.training.train import other_images
 
     a, b, c = (torch.full((5, 3, 4, 4), float(v)) for v in (1, 2, 3))
     batch = torch.stack([a, a, a, b, b, c])  # questions about one image come in a row in held-out files
@@ -260,7 +260,7 @@ def test_the_grounding_check_gives_every_sample_another_image():
 def test_fusion_trains_at_its_own_learning_rate():
     from sparsecut.adapters import LORA_DEFAULTS
     from sparsecut.testing import tiny_model
-    from sparsecut.train import add_lora, parameter_groups
+    from sparsecut.training.train import add_lora, parameter_groups
 
     model, _ = tiny_model()
     add_lora(model, dict(LORA_DEFAULTS, r=2))
@@ -278,7 +278,7 @@ def test_fusion_trains_at_its_own_learning_rate():
 
 def test_a_stage_can_train_on_chosen_families_only(tmp_path, shapes):
     from sparsecut.testing import tiny_model
-    from sparsecut.train import _loader
+    from sparsecut.training.train import _loader
 
     train_json, test_json = shapes
     families = {record["family"] for record in json.loads(open(train_json).read())}
@@ -299,7 +299,7 @@ def test_a_stage_can_train_on_chosen_families_only(tmp_path, shapes):
 def test_training_images_can_carry_more_questions_than_test_images(tmp_path):
     from collections import Counter
 
-    from sparsecut.train import prepare_shapesworld
+    from sparsecut.training.train import prepare_shapesworld
 
     prepare_shapesworld(str(tmp_path), train_images=3, test_images=2, image_size=32, train_questions_per_image=6)
     per_image = {
@@ -314,7 +314,7 @@ def test_training_images_can_carry_more_questions_than_test_images(tmp_path):
 
 
 def test_branch_attention_shares_the_prefix_only():
-    from sparsecut.data import branch_attention
+    from sparsecut.data.collate import branch_attention
 
     segments = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
     valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1] * 8]).bool()
@@ -331,7 +331,7 @@ def test_branch_attention_shares_the_prefix_only():
 def _questions_about_one_image(tmp_path):
     from PIL import Image
 
-    from sparsecut.llava_format import Sample
+    from sparsecut.data.llava_format import Sample
 
     image = tmp_path / "scene.png"
     Image.new("RGB", (48, 40), (200, 30, 30)).save(image)
@@ -343,8 +343,8 @@ def _questions_about_one_image(tmp_path):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_questions_are_computed_as_if_each_was_asked_alone(tmp_path, attention):
-    from sparsecut.data import IGNORE_INDEX, Collator, ConversationDataset, encode_sample
-    from sparsecut.llava_format import group_by_image, image_groups
+    from sparsecut.data.collate import IGNORE_INDEX, Collator, ConversationDataset, encode_sample
+    from sparsecut.data.llava_format import group_by_image, image_groups
     from sparsecut.testing import tiny_model
 
     model, processor = tiny_model()
@@ -371,8 +371,8 @@ def test_packed_questions_are_computed_as_if_each_was_asked_alone(tmp_path, atte
 
 
 def test_packing_refuses_what_it_cannot_share(tmp_path):
-    from sparsecut.data import encode_sample, pack_shared_prefix
-    from sparsecut.llava_format import Sample
+    from sparsecut.data.collate import encode_sample, pack_shared_prefix
+    from sparsecut.data.llava_format import Sample
     from sparsecut.testing import tiny_model
 
     _, processor = tiny_model()
@@ -388,9 +388,9 @@ def test_packing_refuses_what_it_cannot_share(tmp_path):
 
 
 def test_independent_turns_pack_each_images_questions(tmp_path, shapes):
-    from sparsecut.data import IGNORE_INDEX
+    from sparsecut.data.collate import IGNORE_INDEX
     from sparsecut.testing import tiny_model
-    from sparsecut.train import _loader
+    from sparsecut.training.train import _loader
 
     train_json, _ = shapes
     records = json.loads(open(train_json).read())
@@ -413,7 +413,7 @@ def test_family_weights_repeat_a_familys_records_next_to_their_image(tmp_path, s
     from collections import Counter
 
     from sparsecut.testing import tiny_model
-    from sparsecut.train import _loader
+    from sparsecut.training.train import _loader
 
     train_json, _ = shapes
     recorded = Counter(record["family"] for record in json.loads(open(train_json).read()))
@@ -453,7 +453,7 @@ def test_the_seed_fixes_the_new_modules_initialisation():
 
 
 def test_a_stage_can_draw_its_data_order_from_its_own_seed(tmp_path, shapes, monkeypatch):
-    from sparsecut.train import LengthGroupedBatches
+    from sparsecut.training.train import LengthGroupedBatches
 
     train_json, _ = shapes
     seen = []
@@ -498,7 +498,7 @@ def test_model_paths_are_taken_from_the_yamls_folder_when_explicitly_relative_or
 
 
 def test_bf16_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch):
-    from sparsecut import train as training
+    from sparsecut.training import train as training
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)

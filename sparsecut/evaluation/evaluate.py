@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .build import load_model
-from .llava_format import load_llava_json, sample_to_messages
+from ..build import load_model
+from ..data.llava_format import load_llava_json, sample_to_messages
 from .metrics import score, to_markdown
 
 

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .build import load_model
-from .llava_format import load_llava_json, sample_to_messages
-from .shapesworld import SceneObject, glyph_cut_by_grid
+from ..build import load_model
+from ..data.llava_format import load_llava_json, sample_to_messages
+from ..data.shapesworld import SceneObject, glyph_cut_by_grid
 
 ATTRIBUTES = ("colour", "shape", "size", "pattern", "char", "region")
 # The question families whose answer is an attribute value of the object asked about.

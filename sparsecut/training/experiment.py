@@ -5,7 +5,7 @@ on top of it; every variant then runs the same stages, data, steps and seed, and
 split. `stages` overrides stage fields for every variant alike (the shared budget): a key naming a stage holds
 that stage's overrides, other keys apply to every stage; `skip_stages` leaves stages of the recipe out for every
 variant (a small budget is better spent on the stage that trains the LLM's adapters); `probe` (the arguments of
-`sparsecut.probe.probe` but the model; `data` relative to the yaml, default ../data/shapesworld) also fits
+`sparsecut.evaluation.probe.probe` but the model; `data` relative to the yaml, default ../data/shapesworld) also fits
 linear probes on each variant's LLM input tokens and shortcut features, which show what detail reaches the LLM
 even where the budget is too small for the LLM to learn to read it. Results go to `output_dir/results.json` and
 `results.md`: per-family accuracy and the LLM input tokens of each variant (and the probes).
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import yaml
 
-from .evaluate import evaluate
-from .probe import probe
+from ..evaluation.evaluate import evaluate
+from ..evaluation.probe import probe
 from .train import TrainConfig, train
 
 FINE_DETAIL = ("pattern", "character")
@@ -73,8 +73,8 @@ def variant_config(
 
 def summarise(name: str, scores: dict, overrides: dict, probes: dict | None = None) -> dict:
     """One row of the results: per-family accuracy (descriptions: exact), the fine-detail mean, the costs and,
-    with `probes` (a `sparsecut.probe.probe` result), the probe accuracy per attribute at the LLM input tokens and
-    the best over the shortcuts."""
+    with `probes` (a `sparsecut.evaluation.probe.probe` result), the probe accuracy per attribute at the LLM input
+    tokens and the best over the shortcuts."""
     families = {family: metrics.get("accuracy", metrics.get("exact")) for family, metrics in scores["families"].items()}
     fine = [families[f] for f in FINE_DETAIL if f in families]
     return {

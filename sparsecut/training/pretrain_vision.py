@@ -22,8 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, SiglipVisionConfig, get_cosine_schedule_with_warmup
 
-from .shapesworld import CHARS, COLOURS, PATTERNS, SHAPES, SIZE_RADIUS, SIZES, render, sample_scene
-from .vision import HALF, make_views
+from ..data.shapesworld import CHARS, COLOURS, PATTERNS, SHAPES, SIZE_RADIUS, SIZES, render, sample_scene
+from ..vision import HALF, make_views
 
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "pattern": PATTERNS, "char": ("none", *CHARS)}
 

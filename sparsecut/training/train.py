@@ -40,15 +40,15 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
-from .adapters import LORA_DEFAULTS, inject_lora, save_without_base
-from .build import build, is_checkpoint, load_model
-from .charts import line_chart
-from .data import Collator, ConversationDataset
-from .llava_format import group_by_image, image_groups, load_llava_json
-from .modeling import SparseCutForConditionalGeneration
+from ..adapters import LORA_DEFAULTS, inject_lora, save_without_base
+from ..build import build, is_checkpoint, load_model
+from ..data.collate import Collator, ConversationDataset
+from ..data.llava_format import group_by_image, image_groups, load_llava_json
+from ..data.shapesworld import generate_dataset
+from ..inspection.charts import line_chart
+from ..modeling import SparseCutForConditionalGeneration
+from ..testing import byte_tokenizer
 from .pretrain_vision import VisionPretrainConfig, pretrain_vision
-from .shapesworld import generate_dataset
-from .testing import byte_tokenizer
 
 TRAINABLE_PARTS = ("fusion", "gates", "lora", "llm", "vision")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
