@@ -51,6 +51,7 @@ from demo.engine import ChatEngine, ChatSession, GenerationSettings  # noqa: E40
 from demo.ui import build_demo, launch  # noqa: E402
 from sparsecut.data import shapesworld  # noqa: E402
 from sparsecut.inspection import render_visuals  # noqa: E402
+from sparsecut.utils import markdown_table  # noqa: E402
 
 MAX_SESSIONS, MAX_TURNS = 64, 10  # bounds on what one run may ask of the machine
 IMAGE_SIZE = 128
@@ -259,12 +260,16 @@ def machine() -> dict:
 def markdown(report: dict) -> str:
     counts, latency, isolated = report["counts"], report["latency"], report["isolation"]
     info = report["machine"]
-    rows = [
-        f"| /{name} | {stats['n']} | "
-        + " | ".join(str(stats.get(key, "-")) for key in ("p50_s", "p95_s", "max_s"))
-        + " |"
-        for name, stats in latency.items()
-    ]
+    quantiles = ("p50_s", "p95_s", "max_s")
+    latency_table = markdown_table(
+        ["endpoint", "requests", "p50", "p95", "max"],
+        [[f"/{name}", stats["n"], *(stats.get(key, "-") for key in quantiles)] for name, stats in latency.items()],
+    )
+    count_keys = ("sessions_completed", "sessions_refused", "sessions_failed", "chat_requests_completed")
+    counts_table = markdown_table(
+        ["sessions completed", "refused (queue full)", "failed", "/chat completed", "/visualize completed"],
+        [[*(counts[key] for key in count_keys), counts["visualize_requests_completed"]]],
+    )
     foreign = isolated["sessions_not_matching_their_own_conversation"]
     return "\n".join(
         [
@@ -282,16 +287,11 @@ def markdown(report: dict) -> str:
             f"{report['max_new_tokens']} new tokens, greedy, then /visualize), each session with its own "
             f"ShapesWorld scene; {report['wall_s']} s in all",
             "",
-            "| sessions completed | refused (queue full) | failed | /chat completed | /visualize completed |",
-            "|---|---|---|---|---|",
-            f"| {counts['sessions_completed']} | {counts['sessions_refused']} | {counts['sessions_failed']} | "
-            f"{counts['chat_requests_completed']} | {counts['visualize_requests_completed']} |",
+            counts_table,
             "",
             "Latency per request, from submit to the complete answer (queueing included), seconds:",
             "",
-            "| endpoint | requests | p50 | p95 | max |",
-            "|---|---|---|---|---|",
-            *rows,
+            latency_table,
             "",
             f"Isolation: sessions whose replies or /visualize numbers differ from their own conversation run alone: "
             f"{foreign or 'none'}; conversations distinguishable by their numbers: "

@@ -16,7 +16,6 @@ produced the answer (`record_stats` around `generate`), so inspecting an answer 
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from threading import Event, Thread
 from typing import Literal
 
-import psutil
 import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -34,6 +32,7 @@ from sparsecut.data.images import InvalidInputError, load_image
 from sparsecut.inspection import shortcut_label
 from sparsecut.modeling import ShortcutStats, SparseCutForConditionalGeneration
 from sparsecut.processing import SparseCutProcessor
+from sparsecut.utils import PeakMemory, markdown_table, release_memory
 from sparsecut.vision import pad_to_square
 
 logger = logging.getLogger(__name__)
@@ -108,23 +107,26 @@ class Cost:
     def markdown(self) -> str:
         text_tokens = self.input_tokens - self.image_tokens
         mib = self.peak_memory_bytes / 2**20
-        return "\n".join(
+        tokens = markdown_table(
+            ["LLM input tokens", "text", "total"],
             [
-                "| LLM input tokens | text | total |",
-                "|---|---:|---:|",
-                f"| **this model (SparseCut)** | {text_tokens} | **{self.input_tokens}** |",
-                f"| LLaVA-1.5 style | {text_tokens} | {self.llava_input_tokens} |",
-                f"| high-res tokens appended | {text_tokens} | {self.appended_input_tokens} |",
-                "",
-                "| measured | |",
-                "|---|---|",
-                f"| time to first token | {self.time_to_first_token:.2f} s |",
-                f"| decode speed | {self.tokens_per_second:.1f} tokens/s ({self.new_tokens} new tokens) |",
-                f"| {self.memory_kind} | {mib:,.0f} MiB |",
-                f"| quantization | {self.quantization} |",
-                f"| device | {self.device} |",
-            ]
+                ["**this model (SparseCut)**", text_tokens, f"**{self.input_tokens}**"],
+                ["LLaVA-1.5 style", text_tokens, self.llava_input_tokens],
+                ["high-res tokens appended", text_tokens, self.appended_input_tokens],
+            ],
+            align="lrr",
         )
+        measured = markdown_table(
+            ["measured", ""],
+            [
+                ["time to first token", f"{self.time_to_first_token:.2f} s"],
+                ["decode speed", f"{self.tokens_per_second:.1f} tokens/s ({self.new_tokens} new tokens)"],
+                [self.memory_kind, f"{mib:,.0f} MiB"],
+                ["quantization", self.quantization],
+                ["device", self.device],
+            ],
+        )
+        return tokens + "\n\n" + measured
 
 
 @dataclass
@@ -176,32 +178,6 @@ class _TimedStreamer(TextIteratorStreamer):
             self.last_token_at = now
             self.new_tokens += value.numel()
         super().put(value)
-
-
-class _PeakMemory:
-    """Peak memory during one generation: CUDA's allocator peak, or the process RSS sampled at every update
-    (psutil cannot read a process's peak RSS on Linux)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.kind = "peak CUDA memory allocated"
-        else:
-            self.process = psutil.Process()
-            self.kind = "peak process RSS"
-            self.peak = 0
-            self.sample()
-
-    def sample(self) -> None:
-        if self.device.type != "cuda":
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def result(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        self.sample()
-        return self.peak
 
 
 def default_quantization(device: str) -> str:
@@ -410,7 +386,7 @@ class ChatEngine:
                 outcome["error"] = error
                 streamer.end()  # unblock the consumer
 
-        memory = _PeakMemory(self.device)
+        memory = PeakMemory(self.device)
         started = time.perf_counter()
         worker = Thread(target=run, name="sparsecut-generate", daemon=True)
         worker.start()
@@ -418,7 +394,6 @@ class ChatEngine:
         try:
             for piece in streamer:
                 text += piece
-                memory.sample()
                 yield Streamed(text)
         finally:
             stop.set()
@@ -436,7 +411,7 @@ class ChatEngine:
             return image
         return pad_to_square(image, tuple(int(round(255 * m)) for m in self.processor.image_mean))
 
-    def _cost(self, prompt: Prompt, streamer: _TimedStreamer, started: float, memory: _PeakMemory) -> Cost:
+    def _cost(self, prompt: Prompt, streamer: _TimedStreamer, started: float, memory: PeakMemory) -> Cost:
         config = self.config
         n_images = 0 if "pixel_values" not in prompt.inputs else int(prompt.inputs["pixel_values"].shape[0])
         image_tokens = n_images * config.num_image_tokens
@@ -452,7 +427,7 @@ class ChatEngine:
             new_tokens=n,
             time_to_first_token=first - started,
             tokens_per_second=speed,
-            peak_memory_bytes=memory.result(),
+            peak_memory_bytes=memory.peak_bytes(),
             memory_kind=memory.kind,
             quantization=self.quantization,
             device=str(self.device),
@@ -497,18 +472,7 @@ def to_messages(exchanges: Sequence[Exchange]) -> list[dict]:
     return messages
 
 
-
 # --- errors -------------------------------------------------------------------------------------------------
-def release_memory() -> None:
-    """Free what a failed request left behind, so the next one starts from a clean slate (after an out-of-memory
-    error above all). An exception handed over from the generation thread sits in a reference cycle with that
-    thread's frames (and their tensors), which only the cycle collector frees; then CUDA's caching allocator
-    returns the freed blocks."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def error_message(error: BaseException) -> str:
     """What the chat shows for an error: a sentence a user can act on, never a stack trace."""
     if isinstance(error, InvalidInputError):
@@ -694,4 +658,3 @@ class ChatSession:
             messages.append({"role": "user", "content": content})
             messages.append({"role": "assistant", "content": turn.reply()})
         return messages
-

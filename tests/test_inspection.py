@@ -392,17 +392,6 @@ def test_memory_held_by_a_failed_generation_is_released_before_the_next_request(
     assert ask(session, engine, "Again?").status == "done" and session.last_answer.stats is not None
 
 
-def test_release_memory_empties_the_cuda_cache_when_there_is_cuda(monkeypatch):
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    engine_module.release_memory()
-    assert emptied == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    engine_module.release_memory()
-    assert emptied == [1]
-
-
 def test_an_empty_message_is_answered_with_a_hint(engine):
     turn = ask(ChatSession(), engine, "  ")
     assert turn.status == "failed" and "empty" in turn.reply()

@@ -10,32 +10,12 @@ from safetensors.torch import load_file
 
 from sparsecut import load_model
 from sparsecut.data.shapesworld import generate_dataset
-from sparsecut.testing import tiny_model
+from sparsecut.testing import TINY_TEXT, TINY_VISION, tiny_model
 from sparsecut.training.train import StageConfig, TrainConfig, initial_model, read_log, set_trainable, train
 
-TINY_MODEL = {
-    "vision": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-    },
-    "llm": {
-        "model_type": "llama",
-        "vocab_size": 320,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
+TINY_MODEL = {  # the toy backbones of sparsecut.testing, as a training yaml names them
+    "vision": {"model_type": "siglip_vision_model", **TINY_VISION},
+    "llm": {"model_type": "llama", **TINY_TEXT},
     "tokenizer": "byte",
     "config": {"fusion": "cross_attention", "schedule": "uniform:2", "fusion_num_heads": 4},
 }
@@ -108,7 +88,7 @@ def test_config_paths_are_relative_to_the_yaml(tmp_path):
 def test_lora_stage_ships_without_the_base_llm(tmp_path, shapes, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sparsecut.testing import byte_tokenizer
+    from sparsecut.tokenization import byte_tokenizer
 
     train_json, _ = shapes
     llm_dir = tmp_path / "base-llm"

@@ -12,6 +12,8 @@ import re
 from collections import Counter, defaultdict
 from typing import NamedTuple
 
+from ..utils import markdown_table
+
 _ARTICLES = {"a", "an", "the"}
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate([
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -171,10 +173,8 @@ def to_markdown(scores: dict) -> str:
             return "–"
         return str(metrics[key]) if key == "n" else f"{metrics[key]:.3f}"
 
-    lines = ["| family | " + " | ".join(title for _, title in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
     rows = list(scores["families"].items())
     if scores["overall"]["n"]:  # no overall row when only descriptions were scored
         rows.append(("**overall**", scores["overall"]))
-    lines += [f"| {name} | " + " | ".join(cell(m, key) for key, _ in columns) + " |" for name, m in rows]
-    return "\n".join(lines)
+    header = ["family", *(title for _, title in columns)]
+    return markdown_table(header, [[name, *(cell(m, key) for key, _ in columns)] for name, m in rows])

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..build import load_model
 from ..data.llava_format import load_llava_json, sample_to_messages
 from ..data.shapesworld import SceneObject, glyph_cut_by_grid
+from ..utils import markdown_table
 
 ATTRIBUTES = ("colour", "shape", "size", "pattern", "char", "region")
 # The question families whose answer is an attribute value of the object asked about.
@@ -244,11 +245,10 @@ def llm_probe(
 
 def llm_probe_markdown(results: dict) -> str:
     columns = list(next(iter(results["probes"].values())))
-    lines = ["| LLM layer | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for layer, scores in results["probes"].items():
-        lines.append(f"| {layer} | " + " | ".join(f"{scores[column]:.3f}" for column in columns) + " |")
+    rows = [[layer, *(f"{scores[column]:.3f}" for column in columns)] for layer, scores in results["probes"].items()]
     chance = [results["chance"][column.rsplit(" ", 1)[0]] for column in columns]
-    lines.append("| *chance (majority class)* | " + " | ".join(f"{c:.3f}" for c in chance) + " |")
+    rows.append(["*chance (majority class)*", *(f"{c:.3f}" for c in chance)])
+    lines = [markdown_table(["LLM layer", *columns], rows)]
     counts = ", ".join(f"{family} {n['train']} / {n['test']}" for family, n in results["questions"].items())
     return ("\n".join(lines) + "\n\nLayer 0: the input embeddings; k: the output of decoder layer k. object: the"
             " hidden state at the image token under the asked-about object's centre; answer: at the last prompt"
@@ -257,11 +257,9 @@ def llm_probe_markdown(results: dict) -> str:
 
 def to_markdown(results: dict) -> str:
     attributes = list(results["chance"])
-    lines = ["| source | " + " | ".join(attributes) + " |", "|---|" + "---|" * len(attributes)]
-    for source, scores in results["probes"].items():
-        lines.append(f"| {source} | " + " | ".join(f"{scores[a]:.3f}" for a in attributes) + " |")
-    chance = " | ".join(f"{results['chance'][a]:.3f}" for a in attributes)
-    lines.append(f"| *chance (majority class)* | {chance} |")
+    rows = [[source, *(f"{scores[a]:.3f}" for a in attributes)] for source, scores in results["probes"].items()]
+    rows.append(["*chance (majority class)*", *(f"{results['chance'][a]:.3f}" for a in attributes)])
+    lines = [markdown_table(["source", *attributes], rows)]
     counts = results["objects"]
     notes = f"\n\nObjects: {counts['train']} to fit, {counts['test']} to score."
     if "char cut" in results["chance"] or "char whole" in results["chance"]:

@@ -137,15 +137,6 @@ def shortcut_chart(stats: ShortcutStats, selected: int | None = None, image_inde
     return np.asarray(picture)
 
 
-def text_picture(message: str, size: tuple[int, int] = (VIEW_SIZE, VIEW_SIZE)) -> np.ndarray:
-    """A plain picture with a short message, for panels that have nothing to show."""
-    picture = Image.new("RGB", size, (245, 245, 245))
-    ImageDraw.Draw(picture).multiline_text(
-        (size[0] / 2, size[1] / 2), message, fill=(90, 90, 90), font=_font(15), anchor="mm", align="center"
-    )
-    return np.asarray(picture)
-
-
 @dataclass
 class Visuals:
     """The panels beside an answer. Maps are (VIEW_SIZE, VIEW_SIZE, 3) uint8, the chart CHART_SIZE."""

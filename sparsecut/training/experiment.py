@@ -43,6 +43,7 @@ import yaml
 
 from ..evaluation.evaluate import evaluate
 from ..evaluation.probe import probe
+from ..utils import markdown_table
 from .train import TrainConfig, train
 
 FINE_DETAIL = ("pattern", "character")
@@ -102,13 +103,14 @@ def probe_summary(probes: dict) -> dict:
 def to_markdown(rows: list[dict], baseline: str | None) -> str:
     families = sorted({family for row in rows for family in row["families"]})
     head = ["variant", "image tokens", "LLM input tokens", *families, "fine detail", "short answer"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    table = []
     for row in rows:
         cells = [row["variant"], str(row["image_tokens"]), f"{row['llm_input_tokens']:.1f}"]
         cells += [f"{100 * row['families'][f]:.1f}" if f in row["families"] else "–" for f in families]
         cells += [f"{100 * row['fine_detail']:.1f}" if row["fine_detail"] is not None else "–",
                   f"{100 * row['short_answer']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines = [markdown_table(head, table)]
     base = next((row for row in rows if row["variant"] == baseline), None)
     if base is not None and base["fine_detail"] is not None:
         lines.append("")
@@ -127,8 +129,7 @@ def probe_table(rows: list[dict]) -> list[str]:
     attributes = list(rows[0]["probe"]["chance"])
     lines = ["Linear probes per object (`sparsecut probe`): accuracy at the LLM input tokens / the best over the",
              "shortcuts' added features (– without shortcuts).", ""]
-    head = ["variant", *attributes]
-    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    table = []
     for row in rows:
         found = row["probe"]
         cells = []
@@ -136,10 +137,9 @@ def probe_table(rows: list[dict]) -> list[str]:
             shortcut = found["shortcuts"].get(attribute)
             shortcut_text = "–" if shortcut is None else f"{100 * shortcut:.1f}"
             cells.append(f"{100 * found['input'][attribute]:.1f} / {shortcut_text}")
-        lines.append("| " + " | ".join([row["variant"], *cells]) + " |")
-    chance = [f"{100 * rows[0]['probe']['chance'][a]:.1f}" for a in attributes]
-    lines.append("| *chance (majority class)* | " + " | ".join(chance) + " |")
-    return lines
+        table.append([row["variant"], *cells])
+    table.append(["*chance (majority class)*", *(f"{100 * rows[0]['probe']['chance'][a]:.1f}" for a in attributes)])
+    return [*lines, markdown_table(["variant", *attributes], table)]
 
 
 def saved_or(path: Path, step, *args, **kwargs) -> dict:

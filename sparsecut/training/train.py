@@ -47,7 +47,7 @@ from ..data.llava_format import group_by_image, image_groups, load_llava_json
 from ..data.shapesworld import generate_dataset
 from ..inspection.charts import line_chart
 from ..modeling import SparseCutForConditionalGeneration
-from ..testing import byte_tokenizer
+from ..tokenization import byte_tokenizer
 from .pretrain_vision import VisionPretrainConfig, pretrain_vision
 
 TRAINABLE_PARTS = ("fusion", "gates", "lora", "llm", "vision")
