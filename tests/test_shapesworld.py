@@ -395,8 +395,7 @@ def test_generated_dataset_is_consistent_deterministic_and_splits_are_disjoint(t
 def test_the_command_line_writes_the_training_recipes_split_given_its_questions_per_image(tmp_path):
     from sparsecut.cli import main
 
-    main(["shapesworld", str(tmp_path / "cli"), "--n-images", "3", "--image-size", "64",
-          "--questions-per-image", "8"])
+    main(["shapesworld", str(tmp_path / "cli"), "--n-images", "3", "--image-size", "64", "--questions-per-image", "8"])
     generate_dataset(tmp_path / "api", n_images=3, seed=0, image_size=64, questions_per_image=8, split="train")
     written = json.loads((tmp_path / "cli" / "train.json").read_text())
     assert len(written) == 3 * 8

@@ -44,8 +44,16 @@ def test_two_stages_lower_the_loss_and_reload(tmp_path, shapes):
         shapes,
         [
             {**common, "name": "align", "train": ["fusion", "gates"], "max_steps": 10, "learning_rate": 3e-3},
-            {**common, "name": "instruct", "train": ["fusion", "gates", "llm"], "max_steps": 20, "learning_rate": 3e-3,
-             "group_turns": 2, "independent_turns": True, "num_workers": 1},  # images read in a worker process
+            {
+                **common,
+                "name": "instruct",
+                "train": ["fusion", "gates", "llm"],
+                "max_steps": 20,
+                "learning_rate": 3e-3,
+                "group_turns": 2,
+                "independent_turns": True,
+                "num_workers": 1,
+            },  # images read in a worker process
         ],
     )
     final = train(str(path))
@@ -149,8 +157,15 @@ def crash_on_step(monkeypatch, n: int):
 
 
 def align_stage(train_json, **extra) -> dict:
-    return {"name": "align", "data": str(train_json), "train": ["fusion", "gates"], "max_steps": 5, "save_every": 2,
-            "batch_size": 4, **extra}
+    return {
+        "name": "align",
+        "data": str(train_json),
+        "train": ["fusion", "gates"],
+        "max_steps": 5,
+        "save_every": 2,
+        "batch_size": 4,
+        **extra,
+    }
 
 
 def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, shapes, monkeypatch):
@@ -315,10 +330,15 @@ def _questions_about_one_image(tmp_path):
 
     image = tmp_path / "scene.png"
     Image.new("RGB", (48, 40), (200, 30, 30)).save(image)
-    qa = [("What colour is the circle?", "red"), ("Describe the image.", "a large red circle at the top left"),
-          ("How many squares are there?", "0")]
-    return [Sample(id=f"q{i}", image=str(image), turns=[("user", "<image>\n" + q), ("assistant", a)])
-            for i, (q, a) in enumerate(qa)]
+    qa = [
+        ("What colour is the circle?", "red"),
+        ("Describe the image.", "a large red circle at the top left"),
+        ("How many squares are there?", "0"),
+    ]
+    return [
+        Sample(id=f"q{i}", image=str(image), turns=[("user", "<image>\n" + q), ("assistant", a)])
+        for i, (q, a) in enumerate(qa)
+    ]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -358,11 +378,24 @@ def test_packing_refuses_what_it_cannot_share(tmp_path):
     _, processor = tiny_model()
     one, two, _ = (encode_sample(s, processor) for s in _questions_about_one_image(tmp_path))
     with pytest.raises(ValueError, match="one and the same image"):
-        pack_shared_prefix([one, encode_sample(Sample(id="o", image="other.png", turns=[
-            ("user", "<image>\nColour?"), ("assistant", "red")]), processor)], processor.image_token_id)
-    late = encode_sample(Sample(id="l", image=one.image, turns=[("user", "Hi"), ("assistant", "hello"),
-                                                                ("user", "<image>\nColour?"), ("assistant", "red")]),
-                         processor)
+        pack_shared_prefix(
+            [
+                one,
+                encode_sample(
+                    Sample(id="o", image="other.png", turns=[("user", "<image>\nColour?"), ("assistant", "red")]),
+                    processor,
+                ),
+            ],
+            processor.image_token_id,
+        )
+    late = encode_sample(
+        Sample(
+            id="l",
+            image=one.image,
+            turns=[("user", "Hi"), ("assistant", "hello"), ("user", "<image>\nColour?"), ("assistant", "red")],
+        ),
+        processor,
+    )
     with pytest.raises(ValueError, match="outside the shared prefix"):
         pack_shared_prefix([one, late], processor.image_token_id)
 
@@ -382,8 +415,9 @@ def test_independent_turns_pack_each_images_questions(tmp_path, shapes):
     for item in items:
         assert item.input_ids.count(processor.image_token_id) == processor.num_image_tokens
         answers = {r["conversations"][1]["value"] for r in records if item.image.endswith(r["image"])}
-        supervised = processor.tokenizer.decode([t for t, label in zip(item.input_ids, item.labels)
-                                                 if label != IGNORE_INDEX])
+        supervised = processor.tokenizer.decode(
+            [t for t, label in zip(item.input_ids, item.labels) if label != IGNORE_INDEX]
+        )
         assert set(supervised.split("<|im_end|>\n")) - {""} == answers
     batch = next(iter(loader))
     assert batch["attention_mask"].ndim == 4 and batch["position_ids"].shape == batch["input_ids"].shape
@@ -422,8 +456,15 @@ def test_family_weights_repeat_a_familys_records_next_to_their_image(tmp_path, s
 def test_the_seed_fixes_the_new_modules_initialisation():
     def fresh(seed):
         torch.rand(7)  # whatever ran before must not matter
-        config = TrainConfig.from_dict({"output_dir": "unused", "seed": seed, "model": TINY_MODEL,
-                                        "stages": [{"name": "align", "data": "train.json"}]}, Path("."))
+        config = TrainConfig.from_dict(
+            {
+                "output_dir": "unused",
+                "seed": seed,
+                "model": TINY_MODEL,
+                "stages": [{"name": "align", "data": "train.json"}],
+            },
+            Path("."),
+        )
         model, _ = initial_model(config)
         return {name: value.clone() for name, value in model.state_dict().items() if name.startswith("fusion.")}
 
@@ -491,8 +532,14 @@ def test_bf16_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypat
     assert training.mixed_precision_for("auto") == "bf16"
     assert training.mixed_precision_for("no") == "no"
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
-        TrainConfig.from_dict({"output_dir": "unused", "mixed_precision": "bfloat16",
-                               "stages": [{"name": "align", "data": "train.json"}]}, Path("."))
+        TrainConfig.from_dict(
+            {
+                "output_dir": "unused",
+                "mixed_precision": "bfloat16",
+                "stages": [{"name": "align", "data": "train.json"}],
+            },
+            Path("."),
+        )
 
 
 def test_a_saved_model_can_be_trained_on_with_overlapping_crops(tmp_path):

@@ -15,9 +15,34 @@ from typing import NamedTuple
 from ..utils import markdown_table
 
 _ARTICLES = {"a", "an", "the"}
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate([
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"])}
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        ]
+    )
+}
 
 
 def normalize_answer(text: str) -> str:
@@ -38,7 +63,7 @@ def exact_match(pred: str, gold: str) -> bool:
 
 
 def parse_yes_no(text: str) -> str | None:
-    """"yes" or "no" if the normalised answer starts with it (so "Yes, there is." counts), else None."""
+    """ "yes" or "no" if the normalised answer starts with it (so "Yes, there is." counts), else None."""
     words = normalize_answer(text).split()
     return words[0] if words and words[0] in ("yes", "no") else None
 
@@ -72,9 +97,14 @@ def yes_no_metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
     fp = sum(p == "yes" and g == "no" for p, g in zip(parsed, gold))
     fn = sum(p != "yes" and g == "yes" for p, g in zip(parsed, gold))
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return {"n": len(gold), "accuracy": _ratio(sum(p == g for p, g in zip(parsed, gold)), len(gold)),
-            "precision": precision, "recall": recall, "f1": _f1(precision, recall),
-            "yes_ratio": _ratio(sum(p == "yes" for p in parsed), len(parsed))}
+    return {
+        "n": len(gold),
+        "accuracy": _ratio(sum(p == g for p, g in zip(parsed, gold)), len(gold)),
+        "precision": precision,
+        "recall": recall,
+        "f1": _f1(precision, recall),
+        "yes_ratio": _ratio(sum(p == "yes" for p in parsed), len(parsed)),
+    }
 
 
 class DescribedObject(NamedTuple):
@@ -92,9 +122,11 @@ class DescribedObject(NamedTuple):
         return self.size, self.colour, self.shape, self.region
 
 
-_OBJECT = re.compile(r"an? (\w+) (\w+) (\w+) (\w+)"  # size, colour, pattern, shape
-                     r"(?: with the (?:letter|digit|character) (\w))?"
-                     r" at the (\w+(?: \w+)?)")  # region: one or two words
+_OBJECT = re.compile(
+    r"an? (\w+) (\w+) (\w+) (\w+)"  # size, colour, pattern, shape
+    r"(?: with the (?:letter|digit|character) (\w))?"
+    r" at the (\w+(?: \w+)?)"
+)  # region: one or two words
 
 
 def parse_description(text: str) -> list[DescribedObject | None]:
@@ -128,8 +160,7 @@ def description_metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
     metrics: dict[str, float] = {"n": len(golds), "exact": _ratio(totals["exact"], len(golds))}
     for prefix, hits in (("", totals["hits"]), ("coarse_", totals["coarse_hits"])):
         precision, recall = _ratio(hits, totals["predicted"]), _ratio(hits, totals["gold"])
-        metrics |= {f"{prefix}precision": precision, f"{prefix}recall": recall,
-                    f"{prefix}f1": _f1(precision, recall)}
+        metrics |= {f"{prefix}precision": precision, f"{prefix}recall": recall, f"{prefix}f1": _f1(precision, recall)}
     return metrics
 
 
@@ -163,8 +194,15 @@ def score(records: list[dict]) -> dict:
 
 def to_markdown(scores: dict) -> str:
     """Render `score` output as a markdown table (for descriptions, accuracy is "exact")."""
-    columns = [("n", "n"), ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
-               ("f1", "F1"), ("yes_ratio", "yes ratio"), ("coarse_f1", "coarse F1")]
+    columns = [
+        ("n", "n"),
+        ("accuracy", "accuracy"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("f1", "F1"),
+        ("yes_ratio", "yes ratio"),
+        ("coarse_f1", "coarse F1"),
+    ]
 
     def cell(metrics: dict[str, float], key: str) -> str:
         if key == "accuracy" and "exact" in metrics:

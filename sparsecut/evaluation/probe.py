@@ -155,8 +155,16 @@ def probe(
 
 
 @torch.no_grad()
-def question_states(model, processor, data_dir: str | Path, split: str, family: str, n_questions: int,
-                    layers: list[int], batch_size: int = 24) -> dict:
+def question_states(
+    model,
+    processor,
+    data_dir: str | Path,
+    split: str,
+    family: str,
+    n_questions: int,
+    layers: list[int],
+    batch_size: int = 24,
+) -> dict:
     """The LLM's hidden states for the first `n_questions` questions of `family` in `split`: "object" and
     "answer" (n, len(layers), D), at the image token under the centre of an object that the answer is true of
     (the one asked about, or one alike) and at the last prompt position (the one that predicts the answer);
@@ -174,10 +182,14 @@ def question_states(model, processor, data_dir: str | Path, split: str, family: 
     answers = []
     for start in tqdm(range(0, len(samples), batch_size), desc=f"LLM states ({split}, {family})", unit="batch"):
         chunk = samples[start : start + batch_size]
-        inputs = processor.apply_chat_template([sample_to_messages(sample)[:1] for sample in chunk],
-                                               images=[[sample.image] for sample in chunk], tokenize=True,
-                                               add_generation_prompt=True, return_dict=True,
-                                               padding_side="left").to(model.device)
+        inputs = processor.apply_chat_template(
+            [sample_to_messages(sample)[:1] for sample in chunk],
+            images=[[sample.image] for sample in chunk],
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=True,
+            padding_side="left",
+        ).to(model.device)
         output = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         hidden = torch.stack([output.hidden_states[layer] for layer in layers], 1).float().cpu()  # (B, L, T, D)
         for row, sample in enumerate(chunk):
@@ -250,9 +262,11 @@ def llm_probe_markdown(results: dict) -> str:
     rows.append(["*chance (majority class)*", *(f"{c:.3f}" for c in chance)])
     lines = [markdown_table(["LLM layer", *columns], rows)]
     counts = ", ".join(f"{family} {n['train']} / {n['test']}" for family, n in results["questions"].items())
-    return ("\n".join(lines) + "\n\nLayer 0: the input embeddings; k: the output of decoder layer k. object: the"
-            " hidden state at the image token under the asked-about object's centre; answer: at the last prompt"
-            f" position, which predicts the answer. Questions to fit / to score: {counts}.\n")
+    return (
+        "\n".join(lines) + "\n\nLayer 0: the input embeddings; k: the output of decoder layer k. object: the"
+        " hidden state at the image token under the asked-about object's centre; answer: at the last prompt"
+        f" position, which predicts the answer. Questions to fit / to score: {counts}.\n"
+    )
 
 
 def to_markdown(results: dict) -> str:
@@ -263,6 +277,8 @@ def to_markdown(results: dict) -> str:
     counts = results["objects"]
     notes = f"\n\nObjects: {counts['train']} to fit, {counts['test']} to score."
     if "char cut" in results["chance"] or "char whole" in results["chance"]:
-        notes += (" char whole / char cut: the characters whose glyph one high-res crop shows whole / the crop"
-                  " borders cut (same probe, scored apart).")
+        notes += (
+            " char whole / char cut: the characters whose glyph one high-res crop shows whole / the crop"
+            " borders cut (same probe, scored apart)."
+        )
     return "\n".join(lines) + notes + "\n"

@@ -24,8 +24,10 @@ RATIO_COLORMAP = cv2.COLORMAP_VIRIDIS
 ATTENTION_COLORMAP = cv2.COLORMAP_INFERNO
 OVERLAY_ALPHA = 0.55  # weight of the colour map over the image
 
+
 def shortcut_label(vision_layer: int, llm_layer: int) -> str:
     return f"vision layer {vision_layer} → LLM layer {llm_layer}"
+
 
 def normalise(values: np.ndarray) -> np.ndarray:
     """Min-max scale to [0, 1] (NaN -> 0; a constant map -> zeros)."""

@@ -107,8 +107,10 @@ def to_markdown(rows: list[dict], baseline: str | None) -> str:
     for row in rows:
         cells = [row["variant"], str(row["image_tokens"]), f"{row['llm_input_tokens']:.1f}"]
         cells += [f"{100 * row['families'][f]:.1f}" if f in row["families"] else "–" for f in families]
-        cells += [f"{100 * row['fine_detail']:.1f}" if row["fine_detail"] is not None else "–",
-                  f"{100 * row['short_answer']:.1f}"]
+        cells += [
+            f"{100 * row['fine_detail']:.1f}" if row["fine_detail"] is not None else "–",
+            f"{100 * row['short_answer']:.1f}",
+        ]
         table.append(cells)
     lines = [markdown_table(head, table)]
     base = next((row for row in rows if row["variant"] == baseline), None)
@@ -127,8 +129,11 @@ def to_markdown(rows: list[dict], baseline: str | None) -> str:
 def probe_table(rows: list[dict]) -> list[str]:
     """Markdown lines: each variant's probe accuracy per attribute at the LLM input tokens / best shortcut."""
     attributes = list(rows[0]["probe"]["chance"])
-    lines = ["Linear probes per object (`sparsecut probe`): accuracy at the LLM input tokens / the best over the",
-             "shortcuts' added features (– without shortcuts).", ""]
+    lines = [
+        "Linear probes per object (`sparsecut probe`): accuracy at the LLM input tokens / the best over the",
+        "shortcuts' added features (– without shortcuts).",
+        "",
+    ]
     table = []
     for row in rows:
         found = row["probe"]
@@ -163,8 +168,15 @@ def experiment(path: str | Path, variants: list[str] | None = None) -> Path:
     data = str((path.parent / evaluation.pop("data")).resolve())
     out.mkdir(parents=True, exist_ok=True)
     for name in variants or names:
-        config = variant_config(raw_base, base_path.parent, name, spec["variants"][name], spec.get("stages", {}),
-                                out, spec.get("skip_stages", []))
+        config = variant_config(
+            raw_base,
+            base_path.parent,
+            name,
+            spec["variants"][name],
+            spec.get("stages", {}),
+            out,
+            spec.get("skip_stages", []),
+        )
         final = train(config)
         eval_dir = out / name / "eval"
         saved_or(eval_dir / "scores.json", evaluate, str(final), data, str(eval_dir), **evaluation)
@@ -180,8 +192,9 @@ def experiment(path: str | Path, variants: list[str] | None = None) -> Path:
 def write_results(spec: dict, out: Path, config_name: str):
     """results.json and results.md under `out`: every variant finished so far, by this process or another."""
     rows = finished_rows(spec, out)
-    write_atomically(out / "results.json", json.dumps({"command": f"sparsecut experiment {config_name}",
-                                                       "variants": rows}, indent=2))
+    write_atomically(
+        out / "results.json", json.dumps({"command": f"sparsecut experiment {config_name}", "variants": rows}, indent=2)
+    )
     write_atomically(out / "results.md", to_markdown(rows, spec.get("baseline")))
 
 

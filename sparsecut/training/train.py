@@ -131,8 +131,9 @@ class StageConfig:
         if negative:
             raise ValueError(f"Stage {self.name!r}: family weights must be >= 0, got {negative}.")
         if not 0 <= self.average_with_start <= 1:
-            raise ValueError(f"Stage {self.name!r}: average_with_start is a share in [0, 1], "
-                             f"got {self.average_with_start}.")
+            raise ValueError(
+                f"Stage {self.name!r}: average_with_start is a share in [0, 1], got {self.average_with_start}."
+            )
 
 
 @dataclass
@@ -521,8 +522,10 @@ def average_with(model, start: dict[str, torch.Tensor], weight: float) -> None:
     for name, value in start.items():
         param = params[name]
         if param.shape != value.shape:
-            raise ValueError(f"average_with_start: {name} is {tuple(param.shape)} now but was {tuple(value.shape)} "
-                             "at the stage's start (a sharded model); use it without FSDP.")
+            raise ValueError(
+                f"average_with_start: {name} is {tuple(param.shape)} now but was {tuple(value.shape)} "
+                "at the stage's start (a sharded model); use it without FSDP."
+            )
         param.lerp_(value.to(param.device, param.dtype), weight)
 
 

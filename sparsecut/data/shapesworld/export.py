@@ -1,5 +1,4 @@
-"""Writing ShapesWorld splits as LLaVA-format VQA datasets, with each image's scene graph beside them.
-"""
+"""Writing ShapesWorld splits as LLaVA-format VQA datasets, with each image's scene graph beside them."""
 
 from __future__ import annotations
 
@@ -15,8 +14,14 @@ from .rendering import render
 from .world import Scene, sample_scene, scene_from_dict, scene_rng, scene_to_dict
 
 
-def generate_dataset(out_dir: str | Path, n_images: int, seed: int = 0, image_size: int = 128,
-                     questions_per_image: int = 4, split: str = "train") -> Path:
+def generate_dataset(
+    out_dir: str | Path,
+    n_images: int,
+    seed: int = 0,
+    image_size: int = 128,
+    questions_per_image: int = 4,
+    split: str = "train",
+) -> Path:
     """Render `n_images` scenes and write a LLaVA-format VQA dataset; returns the path of the JSON file.
 
     Writes `out_dir/images/<split>_<index>.png`, `out_dir/<split>.json` (one question per record, with an
@@ -34,9 +39,14 @@ def generate_dataset(out_dir: str | Path, n_images: int, seed: int = 0, image_si
         render(scene, image_size).save(out_dir / image_path, compress_level=1)
         scenes[image_path] = scene_to_dict(scene)
         for j, q in enumerate(make_questions(scene, questions_per_image, rng, asked)):
-            samples.append(Sample(id=f"{split}_{i:06d}_{j}", image=image_path,
-                                  turns=[("user", "<image>\n" + q.text), ("assistant", answer(scene, q))],
-                                  meta={"family": q.family}))
+            samples.append(
+                Sample(
+                    id=f"{split}_{i:06d}_{j}",
+                    image=image_path,
+                    turns=[("user", "<image>\n" + q.text), ("assistant", answer(scene, q))],
+                    meta={"family": q.family},
+                )
+            )
     json_path = out_dir / f"{split}.json"
     save_llava_json(samples, json_path)
     (out_dir / f"{split}_scenes.json").write_text(json.dumps(scenes))
@@ -48,13 +58,20 @@ def load_scenes(path: str | Path) -> dict[str, Scene]:
     return {k: scene_from_dict(v) for k, v in json.loads(Path(path).read_text()).items()}
 
 
-def generate(out_dir: str, n_images: int = 1000, seed: int = 0, image_size: int = 128, split: str = "train",
-             questions_per_image: int = 4) -> str:
+def generate(
+    out_dir: str,
+    n_images: int = 1000,
+    seed: int = 0,
+    image_size: int = 128,
+    split: str = "train",
+    questions_per_image: int = 4,
+) -> str:
     """Command-line entry point: generate one split of ShapesWorld into `out_dir`.
 
     Returns the path of the LLaVA JSON file written.
     """
-    return str(generate_dataset(out_dir, n_images, seed=seed, image_size=image_size,
-                                questions_per_image=questions_per_image, split=split))
-
-
+    return str(
+        generate_dataset(
+            out_dir, n_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image, split=split
+        )
+    )

@@ -23,9 +23,13 @@ from .rendering import (
 from .world import CHARS, PATTERNS, Background, Scene, SceneObject, sample_scene, scene_rng
 
 _DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
-_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-            "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS,
-            "nearest": Image.Resampling.NEAREST}
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 def _texture_features(lum: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -34,7 +38,7 @@ def _texture_features(lum: np.ndarray, mask: np.ndarray) -> np.ndarray:
     features = []
     for dx, dy in _DIRECTIONS:
         top, bottom = max(0, -dy), h - max(0, dy)
-        a, b = np.s_[top:bottom, 0:w - dx], np.s_[top + dy:bottom + dy, dx:w]
+        a, b = np.s_[top:bottom, 0 : w - dx], np.s_[top + dy : bottom + dy, dx:w]
         both = mask[a] & mask[b]
         features.append(float(np.abs(lum[a] - lum[b])[both].mean()) if both.any() else 0.0)
     return np.array(features)
@@ -67,8 +71,8 @@ def _glyph_window(obj: SceneObject, image_size: int, factor: int) -> tuple[slice
     reduced resolution to catch any blur."""
     gx, gy = label_origin(obj, image_size)
     if factor == 1:
-        return np.s_[gy:gy + GLYPH_H, gx:gx + GLYPH_W]
-    return np.s_[gy // 2 - 1:(gy + GLYPH_H) // 2 + 1, gx // 2 - 1:(gx + GLYPH_W) // 2 + 1]
+        return np.s_[gy : gy + GLYPH_H, gx : gx + GLYPH_W]
+    return np.s_[gy // 2 - 1 : (gy + GLYPH_H) // 2 + 1, gx // 2 - 1 : (gx + GLYPH_W) // 2 + 1]
 
 
 def _glyph_templates(image_size: int, resample: Image.Resampling) -> dict[int, np.ndarray]:
@@ -76,8 +80,9 @@ def _glyph_templates(image_size: int, resample: Image.Resampling) -> dict[int, n
     large square in the middle of a plain image, rendered and downsampled like the data."""
     templates: dict[int, list[np.ndarray]] = {1: [], 2: []}
     for c in CHARS:
-        obj = SceneObject(shape="square", colour="blue", size="large", pattern="solid", region="center",
-                          char=c, x=0.5, y=0.5)
+        obj = SceneObject(
+            shape="square", colour="blue", size="large", pattern="solid", region="center", char=c, x=0.5, y=0.5
+        )
         scene = Scene(objects=(obj,), background=Background("plain", (210, 210, 210), (210, 210, 210)))
         full = render(scene, image_size)
         for factor, view in ((1, full), (2, downsample(full, 2, resample))):
@@ -85,8 +90,9 @@ def _glyph_templates(image_size: int, resample: Image.Resampling) -> dict[int, n
     return {f: _normalised(np.stack(t)) for f, t in templates.items()}
 
 
-def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
-                      half_filter: str = "bicubic", high_res_grid: int = 2) -> dict[str, float]:
+def legibility_report(
+    image_size: int = 128, seed: int = 0, n_scenes: int = 200, half_filter: str = "bicubic", high_res_grid: int = 2
+) -> dict[str, float]:
     """Measure how much fine detail survives in the half-resolution view, over `n_scenes` random scenes.
 
     * `retained_<filter>`: RMS of what the fine layer changes in the half-resolution view made with that PIL
@@ -120,11 +126,11 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
         for obj in scene.objects:
             x0, y0, alpha = outline_alpha(obj, image_size)
             inside = np.zeros((image_size, image_size), bool)
-            inside[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = alpha >= 1
+            inside[y0 : y0 + alpha.shape[0], x0 : x0 + alpha.shape[1]] = alpha >= 1
             if obj.char is not None:
                 n_glyphs += 1
                 gx, gy = label_origin(obj, image_size)
-                inside[gy - 2:gy + GLYPH_H + 2, gx - 2:gx + GLYPH_W + 2] = False
+                inside[gy - 2 : gy + GLYPH_H + 2, gx - 2 : gx + GLYPH_W + 2] = False
                 for f in (1, 2):
                     crop = _normalised(lum[f][_glyph_window(obj, image_size, f)].ravel())
                     glyph_hits[f] += CHARS[int(np.argmax(templates[f] @ crop))] == obj.char
@@ -139,8 +145,12 @@ def legibility_report(image_size: int = 128, seed: int = 0, n_scenes: int = 200,
                 features[2].append(_texture_features(lum[2], half_inside))
                 pattern_labels.append(PATTERNS.index(obj.pattern))
     labels = np.array(pattern_labels)
-    report: dict[str, float] = {"image_size": image_size, "scenes": n_scenes, "objects": len(labels),
-                                "glyphs": n_glyphs}
+    report: dict[str, float] = {
+        "image_size": image_size,
+        "scenes": n_scenes,
+        "objects": len(labels),
+        "glyphs": n_glyphs,
+    }
     for name in _FILTERS:
         report[f"retained_{name}"] = math.sqrt(squared[name] / squared["full"])
     for f, view in ((1, "full"), (2, "half")):

@@ -26,10 +26,12 @@ class Ref:
     """Required region, or None for any."""
 
     def matches(self, obj: SceneObject) -> bool:
-        return ((self.shape is None or obj.shape == self.shape)
-                and (self.colour is None or obj.colour == self.colour)
-                and (self.size is None or obj.size == self.size)
-                and (self.region is None or obj.region == self.region))
+        return (
+            (self.shape is None or obj.shape == self.shape)
+            and (self.colour is None or obj.colour == self.colour)
+            and (self.size is None or obj.size == self.size)
+            and (self.region is None or obj.region == self.region)
+        )
 
     def noun(self, plural: bool = False) -> str:
         """e.g. "large red circle", "red objects" (no article, no region)."""
@@ -65,27 +67,60 @@ class QuestionSpec:
 
 
 _TEMPLATES = {
-    "colour": ("What colour is {ref}?", "What is the colour of {ref}?", "Which colour does {ref} have?",
-               "Name the colour of {ref}."),
-    "shape": ("What shape is {ref}?", "What is the shape of {ref}?", "Which shape does {ref} have?",
-              "What kind of shape is {ref}?"),
-    "count": ("How many {np} are there?", "How many {np} are in the image?", "Count the {np}.",
-              "What is the number of {np}?"),
-    "position": ("Where is {ref}?", "In which part of the image is {ref}?", "Where in the image is {ref}?",
-                 "Which region contains {ref}?"),
-    "relation": ("Is {ref} {rel} {ref2}?", "Is it true that {ref} is {rel} {ref2}?",
-                 "Does {ref} appear {rel} {ref2}?"),
-    "relation_which": ("Is {ref} {choice} {ref2}?", "Relative to {ref2}, is {ref} {choice_alone}?",
-                       "Compared with {ref2}, is {ref} {choice_alone}?"),
-    "pattern": ("What pattern does {ref} have?", "What is the fill pattern of {ref}?", "How is {ref} filled?",
-                "Which pattern is on {ref}?"),
-    "character": ("What character is printed on {ref}?", "Which letter or digit is written on {ref}?",
-                  "What is the character on {ref}?", "Read the character printed on {ref}."),
-    "existence": ("Is there {ind} in the image?", "Does the image contain {ind}?", "Can you see {ind}?",
-                  "Is there {ind}?"),
-    "description": ("Describe the image.", "Describe every object in the image.",
-                    "List all the objects in the image.",
-                    "What objects are in this image? Describe each one."),
+    "colour": (
+        "What colour is {ref}?",
+        "What is the colour of {ref}?",
+        "Which colour does {ref} have?",
+        "Name the colour of {ref}.",
+    ),
+    "shape": (
+        "What shape is {ref}?",
+        "What is the shape of {ref}?",
+        "Which shape does {ref} have?",
+        "What kind of shape is {ref}?",
+    ),
+    "count": (
+        "How many {np} are there?",
+        "How many {np} are in the image?",
+        "Count the {np}.",
+        "What is the number of {np}?",
+    ),
+    "position": (
+        "Where is {ref}?",
+        "In which part of the image is {ref}?",
+        "Where in the image is {ref}?",
+        "Which region contains {ref}?",
+    ),
+    "relation": ("Is {ref} {rel} {ref2}?", "Is it true that {ref} is {rel} {ref2}?", "Does {ref} appear {rel} {ref2}?"),
+    "relation_which": (
+        "Is {ref} {choice} {ref2}?",
+        "Relative to {ref2}, is {ref} {choice_alone}?",
+        "Compared with {ref2}, is {ref} {choice_alone}?",
+    ),
+    "pattern": (
+        "What pattern does {ref} have?",
+        "What is the fill pattern of {ref}?",
+        "How is {ref} filled?",
+        "Which pattern is on {ref}?",
+    ),
+    "character": (
+        "What character is printed on {ref}?",
+        "Which letter or digit is written on {ref}?",
+        "What is the character on {ref}?",
+        "Read the character printed on {ref}.",
+    ),
+    "existence": (
+        "Is there {ind} in the image?",
+        "Does the image contain {ind}?",
+        "Can you see {ind}?",
+        "Is there {ind}?",
+    ),
+    "description": (
+        "Describe the image.",
+        "Describe every object in the image.",
+        "List all the objects in the image.",
+        "What objects are in this image? Describe each one.",
+    ),
 }
 _REGION_PHRASE = {
     "top left": "in the top left",
@@ -162,8 +197,9 @@ def answer(scene: Scene, q: QuestionSpec) -> str:
         if q.relation not in holds:
             raise ValueError(f"cannot answer {q.relation!r} for objects on the same line")
         return "yes" if holds[q.relation] else "no"
-    attribute = {"colour": "colour", "shape": "shape", "position": "region", "pattern": "pattern",
-                 "character": "char"}[q.family]
+    attribute = {"colour": "colour", "shape": "shape", "position": "region", "pattern": "pattern", "character": "char"}[
+        q.family
+    ]
     value = getattr(obj, attribute)
     if value is None:
         raise ValueError(f"{q.ref} carries no character")
@@ -222,15 +258,13 @@ def _existence_question(scene: Scene, rng: random.Random) -> QuestionSpec | None
     with one attribute changed, or the attributes of two present objects recombined, so they are plausible."""
     want_present = rng.random() < 0.5
     for _ in range(20):
-        attrs = rng.choice((("shape",), ("colour", "shape"), ("colour", "shape"),
-                            ("size", "colour", "shape")))
+        attrs = rng.choice((("shape",), ("colour", "shape"), ("colour", "shape"), ("size", "colour", "shape")))
         source = rng.choice(scene.objects)
         values = {a: getattr(source, a) for a in attrs}
         if not want_present:
             changed = rng.choice(attrs)
             other = rng.choice(scene.objects)
-            use_other = (other is not source and getattr(other, changed) != values[changed]
-                         and rng.random() < 0.5)
+            use_other = other is not source and getattr(other, changed) != values[changed] and rng.random() < 0.5
             values[changed] = getattr(other, changed) if use_other else rng.choice(_VALUES[changed])
         ref = Ref(**values)
         if any(ref.matches(o) for o in scene.objects) == want_present:
@@ -252,15 +286,20 @@ def _relation_question(scene: Scene, rng: random.Random) -> QuestionSpec | None:
         if rng.random() < 0.5:
             relation = "left/right" if axis == "horizontal" else "above/below"
             text = rng.choice(_TEMPLATES["relation_which"]).format(
-                ref=ref.definite(), ref2=ref2.definite(), choice=_CHOICE_PHRASE[relation],
-                choice_alone=_CHOICE_ALONE[relation])
+                ref=ref.definite(),
+                ref2=ref2.definite(),
+                choice=_CHOICE_PHRASE[relation],
+                choice_alone=_CHOICE_ALONE[relation],
+            )
         else:
-            true_relation = ("left" if col < col2 else "right") if axis == "horizontal" else \
-                ("above" if row < row2 else "below")
+            true_relation = (
+                ("left" if col < col2 else "right") if axis == "horizontal" else ("above" if row < row2 else "below")
+            )
             # Ask about the true relation or its opposite with equal odds, so yes and no are balanced.
             relation = true_relation if rng.random() < 0.5 else _OPPOSITE[true_relation]
             text = rng.choice(_TEMPLATES["relation"]).format(
-                ref=ref.definite(), ref2=ref2.definite(), rel=_RELATION_PHRASE[relation])
+                ref=ref.definite(), ref2=ref2.definite(), rel=_RELATION_PHRASE[relation]
+            )
         return QuestionSpec(family="relation", text=_capitalise(text), ref=ref, ref2=ref2, relation=relation)
     return None
 
@@ -278,8 +317,7 @@ def make_question(scene: Scene, family: str, rng: random.Random) -> QuestionSpec
     return _about_one_object(scene, family, rng)
 
 
-def make_questions(scene: Scene, n: int, rng: random.Random,
-                   asked: Counter | None = None) -> list[QuestionSpec]:
+def make_questions(scene: Scene, n: int, rng: random.Random, asked: Counter | None = None) -> list[QuestionSpec]:
     """Up to `n` different questions about `scene`.
 
     Families are balanced across a dataset through `asked` (family -> number asked so far, updated in
@@ -296,5 +334,3 @@ def make_questions(scene: Scene, n: int, rng: random.Random,
                 asked[family] += 1
                 break
     return questions
-
-

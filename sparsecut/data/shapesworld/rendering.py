@@ -78,13 +78,27 @@ def _regular_polygon(n: int, radius: float, start_deg: float) -> tuple[tuple[flo
 
 def _star(inner: float = 0.42) -> tuple[tuple[float, float], ...]:
     radii = [1.0 if k % 2 == 0 else inner for k in range(10)]
-    return tuple((r * math.cos(math.radians(-90 + 36 * k)), r * math.sin(math.radians(-90 + 36 * k)))
-                 for k, r in enumerate(radii))
+    return tuple(
+        (r * math.cos(math.radians(-90 + 36 * k)), r * math.sin(math.radians(-90 + 36 * k)))
+        for k, r in enumerate(radii)
+    )
 
 
 def _cross(arm: float = 0.34, end: float = 0.95) -> tuple[tuple[float, float], ...]:
-    return ((-arm, -end), (arm, -end), (arm, -arm), (end, -arm), (end, arm), (arm, arm), (arm, end),
-            (-arm, end), (-arm, arm), (-end, arm), (-end, -arm), (-arm, -arm))
+    return (
+        (-arm, -end),
+        (arm, -end),
+        (arm, -arm),
+        (end, -arm),
+        (end, arm),
+        (arm, arm),
+        (arm, end),
+        (-arm, end),
+        (-arm, arm),
+        (-end, arm),
+        (-end, -arm),
+        (-arm, -arm),
+    )
 
 
 # Outlines in units of the object's half-extent, y pointing down. The circle is drawn as an ellipse.
@@ -166,11 +180,11 @@ def outline_alpha(obj: SceneObject, size: int) -> tuple[int, int, np.ndarray]:
     draw = ImageDraw.Draw(mask)
     if obj.shape == "circle":
         r = _CIRCLE_RADIUS * radius
-        draw.ellipse([(cx - r - x0) * ss, (cy - r - y0) * ss, (cx + r - x0) * ss - 1, (cy + r - y0) * ss - 1],
-                     fill=255)
+        draw.ellipse([(cx - r - x0) * ss, (cy - r - y0) * ss, (cx + r - x0) * ss - 1, (cy + r - y0) * ss - 1], fill=255)
     else:
-        draw.polygon([((cx + px * radius - x0) * ss, (cy + py * radius - y0) * ss)
-                      for px, py in _POLYGONS[obj.shape]], fill=255)
+        draw.polygon(
+            [((cx + px * radius - x0) * ss, (cy + py * radius - y0) * ss) for px, py in _POLYGONS[obj.shape]], fill=255
+        )
     return x0, y0, np.asarray(mask.reduce(ss), dtype=np.float32) / 255
 
 
@@ -201,7 +215,7 @@ def render_layers(scene: Scene, image_size: int = 128) -> tuple[np.ndarray, np.n
     for obj in scene.objects:
         x0, y0, alpha = outline_alpha(obj, image_size)
         h, w = alpha.shape
-        box = np.s_[y0:y0 + h, x0:x0 + w]
+        box = np.s_[y0 : y0 + h, x0 : x0 + w]
         colour = np.array(COLOUR_RGB[obj.colour], np.float32)
         coarse[box] += alpha[..., None] * (colour - coarse[box])
         if obj.pattern != "solid":
@@ -212,8 +226,8 @@ def render_layers(scene: Scene, image_size: int = 128) -> tuple[np.ndarray, np.n
             gx, gy = label_origin(obj, image_size)
             # The label is the glyph plus a 1-pixel grey margin that keeps the pattern away from the strokes.
             # From 96 px up it lies inside the outline; below that the outline crops it.
-            label = np.s_[gy - 1:gy + GLYPH_H + 1, gx - 1:gx + GLYPH_W + 1]
-            inside = alpha[gy - 1 - y0:gy + GLYPH_H + 1 - y0, gx - 1 - x0:gx + GLYPH_W + 1 - x0, None]
+            label = np.s_[gy - 1 : gy + GLYPH_H + 1, gx - 1 : gx + GLYPH_W + 1]
+            inside = alpha[gy - 1 - y0 : gy + GLYPH_H + 1 - y0, gx - 1 - x0 : gx + GLYPH_W + 1 - x0, None]
             coarse[label] += inside * (_LABEL_GREY - coarse[label])
             fine[label] = inside * np.pad(_GLYPH_AMPLITUDE * _GLYPH_SIGNALS[obj.char], 1)[..., None]
     if fine.any():
@@ -243,8 +257,9 @@ def render(scene: Scene, image_size: int = 128) -> Image.Image:
     return Image.fromarray(render_array(scene, image_size), "RGB")
 
 
-def downsample(image: Image.Image, factor: int = 2,
-               resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+def downsample(
+    image: Image.Image, factor: int = 2, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
     """The low-resolution view: PIL's bicubic by default, which widens its filter as the image shrinks
     (antialiasing), as do torchvision's and transformers' PIL-based resizes."""
     return image.resize((image.width // factor, image.height // factor), resample)
@@ -259,5 +274,3 @@ def _downsample_row_projector(size: int) -> np.ndarray:
     identity = Image.fromarray(np.eye(size, dtype=np.float32), "F")
     d = np.asarray(identity.resize((size // 2, size), Image.Resampling.BICUBIC), np.float64).T
     return (d.T @ np.linalg.solve(d @ d.T, d)).astype(np.float32)
-
-

@@ -16,8 +16,7 @@ SIZES = ("small", "medium", "large")
 PATTERNS = ("solid", "striped", "dotted", "checkered")
 REGIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 CHARS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-FAMILIES = ("colour", "shape", "count", "position", "relation", "pattern", "character", "existence",
-            "description")
+FAMILIES = ("colour", "shape", "count", "position", "relation", "pattern", "character", "existence", "description")
 BACKGROUND_KINDS = ("plain", "gradient", "noise")
 
 # Mid-tone, saturated colours: far from the light, greyish backgrounds, and with room above and below
@@ -130,8 +129,7 @@ def _random_light_colour(rng: random.Random) -> tuple[int, int, int]:
     return tuple(round(grey + rng.uniform(-15, 15)) for _ in range(3))
 
 
-def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 8,
-                 char_prob: float = 0.8) -> Scene:
+def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 8, char_prob: float = 0.8) -> Scene:
     """Sample a scene. `char_prob` is the chance that an object able to carry a character gets one."""
     n = rng.randint(min_objects, max_objects)
     objects = []
@@ -141,15 +139,28 @@ def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 8,
         char = rng.choice(CHARS) if can_carry and rng.random() < char_prob else None
         slack = 1 / 6 - SIZE_RADIUS[size] - _CELL_MARGIN
         row, col = divmod(r, 3)
-        objects.append(SceneObject(
-            shape=shape, colour=rng.choice(COLOURS), size=size, pattern=pattern, region=REGIONS[r], char=char,
-            x=(col + 0.5) / 3 + rng.uniform(-slack, slack), y=(row + 0.5) / 3 + rng.uniform(-slack, slack),
-            stripes_vertical=pattern == "striped" and rng.random() < 0.5))
+        objects.append(
+            SceneObject(
+                shape=shape,
+                colour=rng.choice(COLOURS),
+                size=size,
+                pattern=pattern,
+                region=REGIONS[r],
+                char=char,
+                x=(col + 0.5) / 3 + rng.uniform(-slack, slack),
+                y=(row + 0.5) / 3 + rng.uniform(-slack, slack),
+                stripes_vertical=pattern == "striped" and rng.random() < 0.5,
+            )
+        )
     kind = rng.choice(BACKGROUND_KINDS)
     colour = _random_light_colour(rng)
-    background = Background(kind=kind, colour=colour,
-                            colour2=_random_light_colour(rng) if kind == "gradient" else colour,
-                            vertical=kind == "gradient" and rng.random() < 0.5, seed=rng.getrandbits(32))
+    background = Background(
+        kind=kind,
+        colour=colour,
+        colour2=_random_light_colour(rng) if kind == "gradient" else colour,
+        vertical=kind == "gradient" and rng.random() < 0.5,
+        seed=rng.getrandbits(32),
+    )
     return Scene(objects=tuple(objects), background=background)
 
 
@@ -166,5 +177,3 @@ def scene_labels(scene: Scene) -> dict[str, np.ndarray]:
             labels[key][r] = LABEL_CLASSES[key].index(getattr(obj, key))
         labels["char"][r] = LABEL_CLASSES["char"].index(obj.char if obj.char else "none")
     return labels
-
-
