@@ -173,9 +173,9 @@ def shapesworld(
     questions_per_image: int = 4,
 ) -> None:
     """Generate one split of the ShapesWorld VQA data; print the path of its LLaVA JSON file."""
-    from .data.shapesworld import generate as generate_shapes
+    from .data.shapesworld import generate_dataset
 
-    print(generate_shapes(out_dir, n_images, seed, image_size, split, questions_per_image))
+    print(generate_dataset(out_dir, n_images, seed, image_size, questions_per_image, split))
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:

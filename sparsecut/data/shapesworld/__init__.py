@@ -17,7 +17,7 @@ splits), `legibility`. The public names of each are importable from here.
 
 from __future__ import annotations
 
-from .export import generate, generate_dataset, load_scenes
+from .export import generate_dataset, load_scenes
 from .legibility import legibility_report
 from .questions import QuestionSpec, Ref, answer, describe, describe_object, make_question, make_questions, resolve
 from .rendering import (
@@ -81,7 +81,6 @@ __all__ = [
     "describe",
     "describe_object",
     "downsample",
-    "generate",
     "generate_dataset",
     "glyph_bitmap",
     "glyph_cut_by_grid",

@@ -56,22 +56,3 @@ def generate_dataset(
 def load_scenes(path: str | Path) -> dict[str, Scene]:
     """Read a `<split>_scenes.json` written by `generate_dataset`: image path -> scene."""
     return {k: scene_from_dict(v) for k, v in json.loads(Path(path).read_text()).items()}
-
-
-def generate(
-    out_dir: str,
-    n_images: int = 1000,
-    seed: int = 0,
-    image_size: int = 128,
-    split: str = "train",
-    questions_per_image: int = 4,
-) -> str:
-    """Command-line entry point: generate one split of ShapesWorld into `out_dir`.
-
-    Returns the path of the LLaVA JSON file written.
-    """
-    return str(
-        generate_dataset(
-            out_dir, n_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image, split=split
-        )
-    )
