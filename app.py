@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ensure_base_llm()
     # Imported here, after `demo.hosting` and the arguments: torch and Gradio take seconds to import.
+    from demo.engine import ChatEngine
     from demo.examples import load_examples
     from demo.ui import build_demo, launch
-    from sparsecut.inspection import ChatEngine
 
     print(f"Loading {args.model or 'the default model (weights/)'} on device={args.device} ...", flush=True)
     started = time.perf_counter()

@@ -47,9 +47,11 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's `demo` a
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.utils import QueueError  # noqa: E402
 
+from demo.engine import ChatEngine, ChatSession, GenerationSettings  # noqa: E402
 from demo.ui import build_demo, launch  # noqa: E402
-from sparsecut import shapesworld  # noqa: E402
-from sparsecut.inspection import ChatEngine, ChatSession, GenerationSettings, render_visuals  # noqa: E402
+from sparsecut.data import shapesworld  # noqa: E402
+from sparsecut.inspection import render_visuals  # noqa: E402
+from sparsecut.utils import markdown_table  # noqa: E402
 
 MAX_SESSIONS, MAX_TURNS = 64, 10  # bounds on what one run may ask of the machine
 IMAGE_SIZE = 128
@@ -236,7 +238,7 @@ def machine() -> dict:
     import psutil
     import torch
 
-    from sparsecut.bench import cpu_model, load_average, version
+    from benchmarks.bench import cpu_model, load_average, version
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
@@ -258,12 +260,16 @@ def machine() -> dict:
 def markdown(report: dict) -> str:
     counts, latency, isolated = report["counts"], report["latency"], report["isolation"]
     info = report["machine"]
-    rows = [
-        f"| /{name} | {stats['n']} | "
-        + " | ".join(str(stats.get(key, "-")) for key in ("p50_s", "p95_s", "max_s"))
-        + " |"
-        for name, stats in latency.items()
-    ]
+    quantiles = ("p50_s", "p95_s", "max_s")
+    latency_table = markdown_table(
+        ["endpoint", "requests", "p50", "p95", "max"],
+        [[f"/{name}", stats["n"], *(stats.get(key, "-") for key in quantiles)] for name, stats in latency.items()],
+    )
+    count_keys = ("sessions_completed", "sessions_refused", "sessions_failed", "chat_requests_completed")
+    counts_table = markdown_table(
+        ["sessions completed", "refused (queue full)", "failed", "/chat completed", "/visualize completed"],
+        [[*(counts[key] for key in count_keys), counts["visualize_requests_completed"]]],
+    )
     foreign = isolated["sessions_not_matching_their_own_conversation"]
     return "\n".join(
         [
@@ -281,16 +287,11 @@ def markdown(report: dict) -> str:
             f"{report['max_new_tokens']} new tokens, greedy, then /visualize), each session with its own "
             f"ShapesWorld scene; {report['wall_s']} s in all",
             "",
-            "| sessions completed | refused (queue full) | failed | /chat completed | /visualize completed |",
-            "|---|---|---|---|---|",
-            f"| {counts['sessions_completed']} | {counts['sessions_refused']} | {counts['sessions_failed']} | "
-            f"{counts['chat_requests_completed']} | {counts['visualize_requests_completed']} |",
+            counts_table,
             "",
             "Latency per request, from submit to the complete answer (queueing included), seconds:",
             "",
-            "| endpoint | requests | p50 | p95 | max |",
-            "|---|---|---|---|---|",
-            *rows,
+            latency_table,
             "",
             f"Isolation: sessions whose replies or /visualize numbers differ from their own conversation run alone: "
             f"{foreign or 'none'}; conversations distinguishable by their numbers: "
@@ -304,7 +305,7 @@ def markdown(report: dict) -> str:
 def default_out() -> Path:
     import torch
 
-    from sparsecut.bench import cpu_model, slug
+    from benchmarks.bench import cpu_model, slug
 
     device = f"cuda-{slug(torch.cuda.get_device_name())}" if torch.cuda.is_available() else f"cpu-{slug(cpu_model())}"
     return ROOT / "benchmarks" / "results" / f"load-{device}.json"

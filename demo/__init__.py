@@ -1,6 +1,7 @@
 """The Gradio demo of sparsecut (run it with `python app.py`).
 
-- `demo.ui`: the layout and event wiring over a `sparsecut.inspection.ChatEngine`; `launch` serves it.
+- `demo.engine`: the chat engine: one shared model, chat sessions, error strings, costs.
+- `demo.ui`: the layout and event wiring over a `demo.engine.ChatEngine`; `launch` serves it.
 - `demo.examples`: the example ShapesWorld scenes and questions in assets/examples/.
 - `demo.hosting`: Hugging Face Spaces (ZeroGPU decorator, base LLM package).
 """

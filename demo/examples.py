@@ -27,7 +27,7 @@ class Example:
 
 def make_examples(out_dir: Path = EXAMPLES_DIR, seed: int = 0) -> list[Example]:
     """Render one scene per family in FAMILIES (the first of the "demo" split that supports the family)."""
-    from sparsecut import shapesworld
+    from sparsecut.data import shapesworld
 
     out_dir.mkdir(parents=True, exist_ok=True)
     examples, index = [], 0

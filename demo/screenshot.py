@@ -14,9 +14,9 @@ import os
 import socket
 from pathlib import Path
 
+from demo.engine import ChatEngine
 from demo.examples import load_examples
 from demo.ui import build_demo, launch
-from sparsecut.inspection import ChatEngine
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,8 @@
 """The Gradio UI of the sparsecut demo: layout and event wiring only.
 
-Every number and picture comes from `sparsecut.inspection` (sessions, generation, visualisations); the
-functions here turn Gradio values into library calls and library results into component values.
+Every number and picture comes from `demo.engine` (sessions, generation) and `sparsecut.inspection`
+(visualisations); the functions here turn Gradio values into library calls and library results into component
+values. `build_demo` lays out the chat, the panels and the API plumbing, then wires their events.
 
 Endpoints (see README, "Demo"): `/chat` takes {"text": ..., "files": [...]} and streams the reply text;
 `/visualize` returns the pictures and numbers behind the latest answer of the same client session.
@@ -11,21 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import closing
+from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
 
-from sparsecut.inspection import (
-    VIEW_SIZE,
-    ChatEngine,
-    ChatSession,
-    GenerationSettings,
-    patch_at,
-    render_visuals,
-)
-
-from .examples import EXAMPLES_DIR, Example
-from .hosting import gpu
+from demo.engine import ChatEngine, ChatSession, GenerationSettings
+from demo.examples import EXAMPLES_DIR, Example
+from demo.hosting import gpu
+from sparsecut.inspection import VIEW_SIZE, patch_at, render_visuals
 
 MAX_QUEUE = 32  # requests waiting beyond this are turned away with "queue full"
 MAX_UPLOAD = "10mb"
@@ -58,12 +53,282 @@ def _textbox(busy: bool, **update) -> gr.MultimodalTextbox:
     return gr.MultimodalTextbox(interactive=True, submit_btn=True, stop_btn=False, **update)
 
 
+PANELS = 8  # chart, shortcut map, shortcut note, fusion gallery, query map, fusion note, cost, original answer
+BUSY_PANELS = (None, None, "", [], None, "", "_Answering…_", "")  # what they show while an answer streams
+
+
+# --- layout -------------------------------------------------------------------------------------------------
+def _chat_column(engine: ChatEngine, examples: Sequence[Example]) -> SimpleNamespace:
+    """The chat, its textbox, the examples and the generation settings."""
+    chatbot = gr.Chatbot(label="Chat", height=560, buttons=["copy"], placeholder="Ask about an image.", elem_id="chat")
+    textbox = gr.MultimodalTextbox(
+        file_types=["image"],
+        file_count="single",
+        sources=["upload"],
+        placeholder="Attach an image (clip icon) and ask about it, or ask a follow-up",
+        show_label=False,
+    )
+    if examples:
+        gr.Examples(
+            examples=[[{"text": e.question, "files": [str(e.image)]}] for e in examples],
+            inputs=[textbox],
+            label="ShapesWorld examples",
+        )
+    with gr.Accordion("Generation settings", open=False):
+        max_new_tokens = gr.Slider(
+            1, engine.max_new_tokens, value=engine.max_new_tokens, step=1, label="Max new tokens"
+        )
+        temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+        top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (with temperature > 0)")
+    return SimpleNamespace(chatbot=chatbot, textbox=textbox, settings=[max_new_tokens, temperature, top_p])
+
+
+def _map(label: str, elem_id: str) -> gr.Image:
+    """A picture drawn over the image the model saw (VIEW_SIZE x VIEW_SIZE)."""
+    return gr.Image(label=label, format="png", interactive=False, height=VIEW_SIZE, elem_id=elem_id)
+
+
+def _panel_tabs(engine: ChatEngine) -> SimpleNamespace:
+    """The tabs beside the chat: shortcut contributions, multi-grained attention, shortcut switches, cost."""
+    labels, fused, side = engine.shortcut_labels, engine.fused_layers, engine.config.patches_per_side
+    with gr.Tab("Shortcut contributions"):
+        chart = gr.Image(label="Shortcut chart", show_label=False, format="png", interactive=False, elem_id="chart")
+        shortcut = gr.Dropdown(
+            choices=list(zip(labels, range(len(labels)))),
+            value=0 if labels else None,
+            label="Shortcut to map over the image",
+        )
+        shortcut_map = _map("|added| / |hidden| per image patch", "shortcut-map")
+        shortcut_note = gr.Markdown()
+    with gr.Tab("Multi-grained attention"):
+        gallery = gr.Gallery(
+            label="Attention received per high-res token, one map per fused vision layer",
+            columns=4,
+            height=280,
+            object_fit="contain",
+            format="png",
+        )
+        layer = gr.Dropdown(
+            choices=[(f"vision layer {v}", v) for v in fused], value=fused[-1], label="Fused vision layer"
+        )
+        query_map = _map(
+            "Attention of one low-res patch over the high-res image (click to choose the patch)", "query-map"
+        )
+        with gr.Row():
+            row = gr.Slider(0, side - 1, value=0, step=1, label="Patch row", elem_id="patch-row")
+            col = gr.Slider(0, side - 1, value=0, step=1, label="Patch column", elem_id="patch-col")
+        fusion_note = gr.Markdown()
+    with gr.Tab("Shortcut switches"):
+        gr.Markdown("Scale each shortcut (0 switches it off) and regenerate the latest answer.")
+        scales = [gr.Slider(0, 2, value=1, step=0.05, label=label) for label in labels]
+        with gr.Row():
+            compare_button = gr.Button("Regenerate with these scales", variant="primary")
+            reset_button = gr.Button("Reset scales to 1")
+        with gr.Row():
+            original = gr.Textbox(label="Answer (trained shortcuts)", lines=4, interactive=False)
+            modified = gr.Textbox(label="Answer (these scales)", lines=4, interactive=False)
+        logprob = gr.Markdown()
+    with gr.Tab("Cost"):
+        cost = gr.Markdown("_No answer yet._")
+    return SimpleNamespace(
+        shortcut=shortcut,
+        layer=layer,
+        row=row,
+        col=col,
+        gallery=gallery,
+        query_map=query_map,
+        scales=scales,
+        compare_button=compare_button,
+        reset_button=reset_button,
+        original=original,
+        modified=modified,
+        logprob=logprob,
+        selection=[shortcut, layer, row, col],
+        outputs=[chart, shortcut_map, shortcut_note, gallery, query_map, fusion_note, cost, original],  # PANELS
+    )
+
+
+def _api_components(engine: ChatEngine) -> SimpleNamespace:
+    """Hidden plumbing for the API endpoints (as gr.ChatInterface does for its /chat)."""
+    with gr.Group(visible=False):
+        chat_button, visualize_button = gr.Button("chat"), gr.Button("visualize")
+        reply = gr.Textbox(label="reply")
+        shortcut = gr.Number(0, precision=0, label="shortcut")
+        layer = gr.Number(engine.fused_layers[-1], precision=0, label="vision_layer")
+        row, col = gr.Number(0, precision=0, label="row"), gr.Number(0, precision=0, label="col")
+        images = [gr.Image(format="png", label=name) for name in ("chart", "shortcut_map", "fusion_map", "query_map")]
+        info = gr.JSON(label="info")
+    return SimpleNamespace(
+        chat_button=chat_button,
+        visualize_button=visualize_button,
+        reply=reply,
+        inputs=[shortcut, layer, row, col],
+        outputs=[*images, info],
+    )
+
+
+# --- what the events do -------------------------------------------------------------------------------------
+def show_panels(state: ChatSession, k: int | None, vision_layer: int, r: float, c: float) -> tuple:
+    visuals = render_visuals(state.last_answer, k or 0, vision_layer, int(r), int(c))
+    answer = state.last_answer
+    return (
+        visuals.chart,
+        visuals.shortcut_map,
+        visuals.shortcut_note,
+        [(picture, f"vision layer {v}") for v, picture in visuals.fusion_maps],
+        visuals.query_map,
+        visuals.fusion_note,
+        answer.cost.markdown() if answer is not None else "_The latest answer had no image._",
+        answer.text if answer is not None else "",
+    )
+
+
+def stream_turns(state: ChatSession, turns: Iterator, k, vision_layer, r, c) -> Iterator[tuple]:
+    skip = tuple(gr.skip() for _ in range(PANELS))
+    with closing(turns):  # closing it on stop stops generate
+        for index, _ in enumerate(turns):
+            yield state.transcript(), state, *(BUSY_PANELS if index == 0 else skip)
+    yield state.transcript(), state, *show_panels(state, k, vision_layer, r, c)
+
+
+def take_message(message: dict, state: ChatSession) -> tuple:
+    text, path = _message_parts(message)
+    shown = ([{"path": path}] if path else []) + ([text] if text else [])
+    preview = [*state.transcript(), {"role": "user", "content": shown}]
+    return message, _textbox(busy=True), preview
+
+
+def give_back(message: dict | None, state: ChatSession) -> tuple:
+    """The request never ran (Gradio refused it: the queue was full): the question goes back in the
+    textbox and the chat drops its preview; the page shows Gradio's "busy" message."""
+    return state.transcript(), _textbox(busy=False, **({"value": message} if message else {}))
+
+
+def visualize(
+    state: ChatSession, shortcut: float, vision_layer: float, row: float, col: float
+) -> tuple[np.ndarray | None, ...]:
+    """The pictures behind the latest answer of this session: the shortcut chart, the chosen shortcut's
+    map, the fused layer's attention map, the low-res patch (row, col)'s attention map, and a JSON of
+    the numbers."""
+    visuals = render_visuals(state.last_answer, int(shortcut), int(vision_layer), int(row), int(col))
+    info = {**visuals.summary, "notes": [visuals.shortcut_note, visuals.fusion_note]}
+    return visuals.chart, visuals.shortcut_map, visuals.fusion_map, visuals.query_map, info
+
+
+def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
+    """The events that use `engine`: those that run the model (each under `gpu`), and those that need its shape."""
+    fused, side = engine.fused_layers, engine.config.patches_per_side
+
+    @gpu
+    def respond(message: dict, state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c):
+        text, path = _message_parts(message)
+        turns = state.ask(engine, text, path, _settings(n, t, p))
+        yield from stream_turns(state, turns, k, vision_layer, r, c)
+
+    @gpu
+    def retry(state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c):
+        yield from stream_turns(state, state.retry(engine, _settings(n, t, p)), k, vision_layer, r, c)
+
+    def clear(state: ChatSession) -> tuple:
+        state.clear()
+        return state, *show_panels(state, 0, fused[-1], 0, 0)
+
+    def select_patch(state: ChatSession, k, vision_layer, event: gr.SelectData) -> tuple:
+        r, c = patch_at(event.index[0], event.index[1], VIEW_SIZE, side)
+        return r, c, *show_panels(state, k, vision_layer, r, c)
+
+    def select_layer(event: gr.SelectData) -> int:
+        return fused[event.index]
+
+    @gpu
+    def compare(state: ChatSession, *values: float):
+        if state.last_answer is None:
+            yield "", "", "_Ask a question first._"
+            return
+        with closing(state.compare(engine, [float(v) for v in values])) as updates:
+            for comparison in updates:
+                yield comparison.original, comparison.modified, comparison.markdown()
+
+    @gpu
+    def chat(message: dict, state: ChatSession, max_new_tokens: float, temperature: float, top_p: float):
+        """Ask a question (`message` = {"text": ..., "files": [image]}); streams the reply. Follow-ups in the
+        same client session keep the conversation; a new image starts a new image context."""
+        text, path = _message_parts(message)
+        with closing(state.ask(engine, text, path, _settings(max_new_tokens, temperature, top_p))) as turns:
+            for turn in turns:
+                yield turn.reply(), state
+
+    return SimpleNamespace(
+        respond=respond,
+        retry=retry,
+        clear=clear,
+        select_patch=select_patch,
+        select_layer=select_layer,
+        compare=compare,
+        chat=chat,
+    )
+
+
+# --- wiring -------------------------------------------------------------------------------------------------
+PRIVATE = {"api_visibility": "private"}
+# Textbox updates skip the queue and show no progress overlay: it would cover the stop button.
+INSTANT = {"queue": False, "show_progress": "hidden", **PRIVATE}
+MODEL_EVENT = {"concurrency_id": MODEL_EVENTS, "concurrency_limit": 1, "show_progress": "minimal", **PRIVATE}
+
+
+def _wire_chat(chat: SimpleNamespace, panels: SimpleNamespace, handlers: SimpleNamespace, session, pending) -> None:
+    """Submit, stop, retry, clear."""
+    chatbot, textbox, settings = chat.chatbot, chat.textbox, chat.settings
+    inputs, outputs = [session, *settings, *panels.selection], [chatbot, session, *panels.outputs]
+    submitted = textbox.submit(take_message, [textbox, session], [pending, textbox, chatbot], **INSTANT)
+    answered = submitted.then(handlers.respond, [pending, *inputs], outputs, **MODEL_EVENT)
+    answered.then(lambda: _textbox(busy=False), None, textbox, **INSTANT)
+    # .then does not run after a failed event (a full queue): give the question back instead.
+    answered.failure(give_back, [pending, session], [chatbot, textbox], **INSTANT)
+    retried = chatbot.retry(lambda: _textbox(busy=True), None, textbox, **INSTANT).then(
+        handlers.retry, inputs, outputs, **MODEL_EVENT
+    )
+    retried.then(lambda: _textbox(busy=False), None, textbox, **INSTANT)
+    retried.failure(lambda state: give_back(None, state), [session], [chatbot, textbox], **INSTANT)
+    textbox.stop(None, None, None, cancels=[answered, retried], **PRIVATE).then(
+        lambda state: (state.transcript(), _textbox(busy=False)), [session], [chatbot, textbox], **INSTANT
+    )
+    chatbot.clear(handlers.clear, [session], [session, *panels.outputs], **PRIVATE)
+
+
+def _wire_panels(panels: SimpleNamespace, handlers: SimpleNamespace, session) -> None:
+    """Choosing what the panels show, and the shortcut switches."""
+    for control in (panels.shortcut, panels.layer):
+        control.change(show_panels, [session, *panels.selection], panels.outputs, **PRIVATE)
+    for control in (panels.row, panels.col):
+        control.release(show_panels, [session, *panels.selection], panels.outputs, **PRIVATE)
+    panels.query_map.select(
+        handlers.select_patch,
+        [session, panels.shortcut, panels.layer],
+        [panels.row, panels.col, *panels.outputs],
+        **PRIVATE,
+    )
+    panels.gallery.select(handlers.select_layer, None, panels.layer, **PRIVATE)
+    answers = [panels.original, panels.modified, panels.logprob]
+    panels.compare_button.click(handlers.compare, [session, *panels.scales], answers, **MODEL_EVENT)
+    panels.reset_button.click(lambda: [1.0] * len(panels.scales), None, panels.scales, **PRIVATE)
+
+
+def _wire_api(api: SimpleNamespace, chat: SimpleNamespace, handlers: SimpleNamespace, session) -> None:
+    """The /chat and /visualize endpoints."""
+    api.chat_button.click(
+        handlers.chat,
+        [chat.textbox, session, *chat.settings],
+        [api.reply, session],
+        api_name="chat",
+        concurrency_id=MODEL_EVENTS,
+        concurrency_limit=1,
+    )
+    api.visualize_button.click(visualize, [session, *api.inputs], api.outputs, api_name="visualize")
+
+
 def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Blocks:
     """The demo's Blocks for `engine` (one shared model) with clickable `examples`."""
-    labels = engine.shortcut_labels
-    fused = engine.fused_layers
-    side = engine.config.patches_per_side
-
     with gr.Blocks(title="SparseCut demo") as demo:
         session = gr.State(ChatSession())
         pending = gr.State(None)  # the submitted message, saved while the textbox is cleared
@@ -79,228 +344,14 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Block
             gr.Markdown(f"⚠️ {notice}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                chatbot = gr.Chatbot(
-                    label="Chat", height=560, buttons=["copy"], placeholder="Ask about an image.", elem_id="chat"
-                )
-                textbox = gr.MultimodalTextbox(
-                    file_types=["image"],
-                    file_count="single",
-                    sources=["upload"],
-                    placeholder="Attach an image (clip icon) and ask about it, or ask a follow-up",
-                    show_label=False,
-                )
-                if examples:
-                    gr.Examples(
-                        examples=[[{"text": e.question, "files": [str(e.image)]}] for e in examples],
-                        inputs=[textbox],
-                        label="ShapesWorld examples",
-                    )
-                with gr.Accordion("Generation settings", open=False):
-                    max_new_tokens = gr.Slider(
-                        1, engine.max_new_tokens, value=engine.max_new_tokens, step=1, label="Max new tokens"
-                    )
-                    temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (with temperature > 0)")
+                chat = _chat_column(engine, examples)
             with gr.Column(scale=6):
-                with gr.Tab("Shortcut contributions"):
-                    chart = gr.Image(
-                        label="Shortcut chart", show_label=False, format="png", interactive=False, elem_id="chart"
-                    )
-                    shortcut = gr.Dropdown(
-                        choices=list(zip(labels, range(len(labels)))),
-                        value=0 if labels else None,
-                        label="Shortcut to map over the image",
-                    )
-                    shortcut_map = gr.Image(
-                        label="|added| / |hidden| per image patch",
-                        format="png",
-                        interactive=False,
-                        height=VIEW_SIZE,
-                        elem_id="shortcut-map",
-                    )
-                    shortcut_note = gr.Markdown()
-                with gr.Tab("Multi-grained attention"):
-                    gallery = gr.Gallery(
-                        label="Attention received per high-res token, one map per fused vision layer",
-                        columns=4,
-                        height=280,
-                        object_fit="contain",
-                        format="png",
-                    )
-                    layer = gr.Dropdown(
-                        choices=[(f"vision layer {v}", v) for v in fused], value=fused[-1], label="Fused vision layer"
-                    )
-                    query_map = gr.Image(
-                        label="Attention of one low-res patch over the high-res image (click to choose the patch)",
-                        format="png",
-                        interactive=False,
-                        height=VIEW_SIZE,
-                        elem_id="query-map",
-                    )
-                    with gr.Row():
-                        row = gr.Slider(0, side - 1, value=0, step=1, label="Patch row", elem_id="patch-row")
-                        col = gr.Slider(0, side - 1, value=0, step=1, label="Patch column", elem_id="patch-col")
-                    fusion_note = gr.Markdown()
-                with gr.Tab("Shortcut switches"):
-                    gr.Markdown("Scale each shortcut (0 switches it off) and regenerate the latest answer.")
-                    scales = [gr.Slider(0, 2, value=1, step=0.05, label=label) for label in labels]
-                    with gr.Row():
-                        compare_button = gr.Button("Regenerate with these scales", variant="primary")
-                        reset_button = gr.Button("Reset scales to 1")
-                    with gr.Row():
-                        original = gr.Textbox(label="Answer (trained shortcuts)", lines=4, interactive=False)
-                        modified = gr.Textbox(label="Answer (these scales)", lines=4, interactive=False)
-                    logprob = gr.Markdown()
-                with gr.Tab("Cost"):
-                    cost = gr.Markdown("_No answer yet._")
-
-        # Hidden plumbing for the API endpoints (as gr.ChatInterface does for its /chat).
-        with gr.Group(visible=False):
-            chat_button, visualize_button = gr.Button("chat"), gr.Button("visualize")
-            reply = gr.Textbox(label="reply")
-            api_shortcut = gr.Number(0, precision=0, label="shortcut")
-            api_layer = gr.Number(fused[-1], precision=0, label="vision_layer")
-            api_row, api_col = gr.Number(0, precision=0, label="row"), gr.Number(0, precision=0, label="col")
-            api_images = [
-                gr.Image(format="png", label=name) for name in ("chart", "shortcut_map", "fusion_map", "query_map")
-            ]
-            api_info = gr.JSON(label="info")
-
-        settings = [max_new_tokens, temperature, top_p]
-        selection = [shortcut, layer, row, col]
-        panels = [chart, shortcut_map, shortcut_note, gallery, query_map, fusion_note, cost, original]
-        busy_panels = (None, None, "", [], None, "", "_Answering…_", "")
-
-        def show_panels(state: ChatSession, k: int | None, vision_layer: int, r: float, c: float) -> tuple:
-            visuals = render_visuals(state.last_answer, k or 0, vision_layer, int(r), int(c))
-            answer = state.last_answer
-            return (
-                visuals.chart,
-                visuals.shortcut_map,
-                visuals.shortcut_note,
-                [(picture, f"vision layer {v}") for v, picture in visuals.fusion_maps],
-                visuals.query_map,
-                visuals.fusion_note,
-                answer.cost.markdown() if answer is not None else "_The latest answer had no image._",
-                answer.text if answer is not None else "",
-            )
-
-        def stream_turns(state: ChatSession, turns: Iterator, k, vision_layer, r, c) -> Iterator[tuple]:
-            skip = tuple(gr.skip() for _ in panels)
-            with closing(turns):  # closing it on stop stops generate
-                for index, _ in enumerate(turns):
-                    yield state.transcript(), state, *(busy_panels if index == 0 else skip)
-            yield state.transcript(), state, *show_panels(state, k, vision_layer, r, c)
-
-        def take_message(message: dict, state: ChatSession) -> tuple:
-            text, path = _message_parts(message)
-            shown = ([{"path": path}] if path else []) + ([text] if text else [])
-            preview = [*state.transcript(), {"role": "user", "content": shown}]
-            return message, _textbox(busy=True), preview
-
-        def give_back(message: dict | None, state: ChatSession) -> tuple:
-            """The request never ran (Gradio refused it: the queue was full): the question goes back in the
-            textbox and the chat drops its preview; the page shows Gradio's "busy" message."""
-            return state.transcript(), _textbox(busy=False, **({"value": message} if message else {}))
-
-        @gpu
-        def respond(message: dict, state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c):
-            text, path = _message_parts(message)
-            turns = state.ask(engine, text, path, _settings(n, t, p))
-            yield from stream_turns(state, turns, k, vision_layer, r, c)
-
-        @gpu
-        def retry(state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c):
-            yield from stream_turns(state, state.retry(engine, _settings(n, t, p)), k, vision_layer, r, c)
-
-        def clear(state: ChatSession) -> tuple:
-            state.clear()
-            return state, *show_panels(state, 0, fused[-1], 0, 0)
-
-        def select_patch(state: ChatSession, k, vision_layer, event: gr.SelectData) -> tuple:
-            r, c = patch_at(event.index[0], event.index[1], VIEW_SIZE, side)
-            return r, c, *show_panels(state, k, vision_layer, r, c)
-
-        def select_layer(event: gr.SelectData) -> int:
-            return fused[event.index]
-
-        @gpu
-        def compare(state: ChatSession, *values: float):
-            if state.last_answer is None:
-                yield "", "", "_Ask a question first._"
-                return
-            with closing(state.compare(engine, [float(v) for v in values])) as updates:
-                for comparison in updates:
-                    yield comparison.original, comparison.modified, comparison.markdown()
-
-        @gpu
-        def chat(message: dict, state: ChatSession, max_new_tokens: float, temperature: float, top_p: float):
-            """Ask a question (`message` = {"text": ..., "files": [image]}); streams the reply. Follow-ups in the
-            same client session keep the conversation; a new image starts a new image context."""
-            text, path = _message_parts(message)
-            with closing(state.ask(engine, text, path, _settings(max_new_tokens, temperature, top_p))) as turns:
-                for turn in turns:
-                    yield turn.reply(), state
-
-        def visualize(
-            state: ChatSession, shortcut: float, vision_layer: float, row: float, col: float
-        ) -> tuple[np.ndarray | None, ...]:
-            """The pictures behind the latest answer of this session: the shortcut chart, the chosen shortcut's
-            map, the fused layer's attention map, the low-res patch (row, col)'s attention map, and a JSON of
-            the numbers."""
-            visuals = render_visuals(state.last_answer, int(shortcut), int(vision_layer), int(row), int(col))
-            info = {**visuals.summary, "notes": [visuals.shortcut_note, visuals.fusion_note]}
-            return visuals.chart, visuals.shortcut_map, visuals.fusion_map, visuals.query_map, info
-
-        # --- the chat: submit, stop, retry, clear --------------------------------------------------------
-        private = {"api_visibility": "private"}
-        # Textbox updates skip the queue and show no progress overlay: it would cover the stop button.
-        instant = {"queue": False, "show_progress": "hidden", **private}
-        model_event = {"concurrency_id": MODEL_EVENTS, "concurrency_limit": 1, "show_progress": "minimal", **private}
-        submitted = textbox.submit(take_message, [textbox, session], [pending, textbox, chatbot], **instant)
-        answered = submitted.then(
-            respond, [pending, session, *settings, *selection], [chatbot, session, *panels], **model_event
-        )
-        answered.then(lambda: _textbox(busy=False), None, textbox, **instant)
-        # .then does not run after a failed event (a full queue): give the question back instead.
-        answered.failure(give_back, [pending, session], [chatbot, textbox], **instant)
-        retried = chatbot.retry(lambda: _textbox(busy=True), None, textbox, **instant).then(
-            retry, [session, *settings, *selection], [chatbot, session, *panels], **model_event
-        )
-        retried.then(lambda: _textbox(busy=False), None, textbox, **instant)
-        retried.failure(lambda state: give_back(None, state), [session], [chatbot, textbox], **instant)
-        textbox.stop(None, None, None, cancels=[answered, retried], **private).then(
-            lambda state: (state.transcript(), _textbox(busy=False)), [session], [chatbot, textbox], **instant
-        )
-        chatbot.clear(clear, [session], [session, *panels], **private)
-
-        # --- choosing what the panels show ---------------------------------------------------------------
-        for control in (shortcut, layer):
-            control.change(show_panels, [session, *selection], panels, **private)
-        for control in (row, col):
-            control.release(show_panels, [session, *selection], panels, **private)
-        query_map.select(select_patch, [session, shortcut, layer], [row, col, *panels], **private)
-        gallery.select(select_layer, None, layer, **private)
-
-        # --- shortcut switches ---------------------------------------------------------------------------
-        compare_button.click(compare, [session, *scales], [original, modified, logprob], **model_event)
-        reset_button.click(lambda: [1.0] * len(scales), None, scales, **private)
-
-        # --- API ------------------------------------------------------------------------------------------
-        chat_button.click(
-            chat,
-            [textbox, session, *settings],
-            [reply, session],
-            api_name="chat",
-            concurrency_id=MODEL_EVENTS,
-            concurrency_limit=1,
-        )
-        visualize_button.click(
-            visualize,
-            [session, api_shortcut, api_layer, api_row, api_col],
-            [*api_images, api_info],
-            api_name="visualize",
-        )
+                panels = _panel_tabs(engine)
+        api = _api_components(engine)
+        handlers = _model_handlers(engine)
+        _wire_chat(chat, panels, handlers, session, pending)
+        _wire_panels(panels, handlers, session)
+        _wire_api(api, chat, handlers, session)
     return demo
 
 

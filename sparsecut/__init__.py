@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .build import build, load_model, set_high_res_overlap
 from .configuration import SparseCutConfig
-from .images import InvalidInputError, load_image
+from .data.images import InvalidInputError, load_image
 from .modeling import ShortcutStats, SparseCutForConditionalGeneration, SparseCutOutput
 from .processing import SparseCutProcessor
 

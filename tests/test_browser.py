@@ -11,8 +11,8 @@ from gradio_client import Client
 from test_app import chat_request, scripted_generate, serving
 from test_server import blocking_generate
 
+from demo.engine import ChatEngine
 from demo.examples import load_examples
-from sparsecut.inspection import ChatEngine
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = Path("/usr/bin/chromium")

@@ -6,12 +6,12 @@ import pytest
 
 from sparsecut import load_model
 from sparsecut.build import DEFAULT_WEIGHTS, load_llm
-from sparsecut.evaluate import predict
-from sparsecut.llava_format import load_llava_json
-from sparsecut.metrics import is_correct, states_answer
-from sparsecut.shapesworld import generate_dataset, render, sample_scene, scene_rng
-from sparsecut.text_only import PROMPTS, compare_with_base
-from sparsecut.world_check import WorldCheck
+from sparsecut.data.llava_format import load_llava_json
+from sparsecut.data.shapesworld import generate_dataset, render, sample_scene, scene_rng
+from sparsecut.evaluation.evaluate import predict
+from sparsecut.evaluation.metrics import is_correct, states_answer
+from sparsecut.evaluation.text_only import PROMPTS, compare_with_base
+from sparsecut.evaluation.world_check import WorldCheck
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_WEIGHTS / "config.json").is_file(), reason="the default model is not in weights/"
@@ -56,8 +56,8 @@ def test_default_model_reads_printed_characters(tmp_path, default_model):
 
 
 def test_default_model_understands_phrasings_it_never_saw(tmp_path, default_model):
-    # Frames, synonyms ("item", "figure", "photo") and instructions reserved for evaluation (sparsecut/phrasing.py),
-    # answered in the form asked for: a word, a sentence or a reason.
+    # Frames, synonyms ("item", "figure", "photo") and instructions reserved for evaluation
+    # (sparsecut/data/shapesworld/phrasing.py), answered in the form asked for: a word, a sentence or a reason.
     samples = held_out(tmp_path, 10, phrasing="heldout")[:32]
     assert len(samples) >= 25 and {s.meta["form"] for s in samples} >= {"short", "sentence"}
     score, pairs = accuracy(default_model, samples)

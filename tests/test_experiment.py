@@ -9,8 +9,8 @@ from test_train import TINY_MODEL, shapes  # noqa: F401  (pytest fixture)
 
 from sparsecut.cli import main
 from sparsecut.configuration import SparseCutConfig
-from sparsecut.experiment import variant_config
-from sparsecut.train import TrainConfig
+from sparsecut.training.experiment import variant_config
+from sparsecut.training.train import TrainConfig
 
 
 def write_experiment(tmp_path: Path, shapes, probe: bool = True) -> Path:  # noqa: F811
@@ -20,8 +20,16 @@ def write_experiment(tmp_path: Path, shapes, probe: bool = True) -> Path:  # noq
         "output_dir": "unused",
         "seed": 0,
         "model": TINY_MODEL,
-        "stages": [{"name": "align", "data": str(train_json), "train": ["fusion", "gates"], "max_steps": 50,
-                    "batch_size": 2, "learning_rate": 3e-3}],
+        "stages": [
+            {
+                "name": "align",
+                "data": str(train_json),
+                "train": ["fusion", "gates"],
+                "max_steps": 50,
+                "batch_size": 2,
+                "learning_rate": 3e-3,
+            }
+        ],
     }
     (tmp_path / "base.yaml").write_text("# sparsecut train base.yaml\n" + yaml.safe_dump(base))
     spec = {
@@ -96,8 +104,10 @@ def test_variants_run_apart_are_tabled_together(tmp_path, shapes, capsys):  # no
     main(["experiment", str(config), "--variants", "sparsecut"])
     rows = json.loads((runs / "results.json").read_text())["variants"]
     assert [row["variant"] for row in rows] == ["sparsecut", "llava"]  # the yaml's order, the other run's row too
-    assert rows[1]["families"] == {family: found.get("accuracy", found.get("exact"))
-                                   for family, found in json.loads(llava_scores.read_text())["families"].items()}
+    assert rows[1]["families"] == {
+        family: found.get("accuracy", found.get("exact"))
+        for family, found in json.loads(llava_scores.read_text())["families"].items()
+    }
     assert llava_scores.stat().st_mtime_ns == before  # read, not redone
     table = (runs / "results.md").read_text()
     assert "| sparsecut |" in table and "| llava |" in table and "sparsecut: fine detail" in table
@@ -115,8 +125,11 @@ def saved_probes(tmp_path, variant: str) -> dict:
 
 def test_skipped_stages_are_left_out_for_every_variant(tmp_path):
     stage = {"data": "train.json", "train": ["fusion", "gates"], "max_steps": 50}
-    base = {"output_dir": "unused", "model": TINY_MODEL,
-            "stages": [{"name": "align", **stage}, {"name": "instruct", **stage, "learning_rate": 1e-4}]}
+    base = {
+        "output_dir": "unused",
+        "model": TINY_MODEL,
+        "stages": [{"name": "align", **stage}, {"name": "instruct", **stage, "learning_rate": 1e-4}],
+    }
     shared = {"instruct": {"max_steps": 7}, "batch_size": 3}
 
     config = variant_config(base, tmp_path, "llava", {"fusion": "none"}, shared, tmp_path / "runs", ["align"])
@@ -142,8 +155,15 @@ def test_committed_configs_parse_and_their_first_line_runs_them(path):
         assert command == f"# sparsecut experiment configs/{path.name}"
         base = yaml.safe_load((path.parent / raw["base"]).read_text())
         for name, overrides in raw["variants"].items():
-            config = variant_config(base, path.parent, name, overrides, raw.get("stages", {}), path.parent / "runs",
-                                    raw.get("skip_stages", []))
+            config = variant_config(
+                base,
+                path.parent,
+                name,
+                overrides,
+                raw.get("stages", {}),
+                path.parent / "runs",
+                raw.get("skip_stages", []),
+            )
             assert config.stages and config.output_dir.endswith(name)
     else:
         assert command == f"# sparsecut train configs/{path.name}"

@@ -1,4 +1,4 @@
-"""Tests for sparsecut.images: loading untrusted images safely and normalising them to upright RGB."""
+"""Tests for sparsecut.data.images: loading untrusted images safely and normalising them to upright RGB."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-import sparsecut.images
-from sparsecut.images import InvalidInputError, image_summary, load_image
+import sparsecut.data.images
+from sparsecut.data.images import InvalidInputError, image_summary, load_image
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
 WHITE = (255, 255, 255)
-IMAGES_MODULE = Path(sparsecut.images.__file__)
+IMAGES_MODULE = Path(sparsecut.data.images.__file__)
 
 # Small limit for the fuzz tests: a mutated header can declare any size, and decoding a canvas of up
 # to the default 100 megapixels per example would make the suite slow and memory hungry.
@@ -37,20 +37,13 @@ def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    )
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def png_bytes(width: int, height: int, *, idat: bytes = b"", colour_type: int = 0) -> bytes:
     """A PNG with the given header; `idat` is the already compressed pixel stream (may be empty)."""
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def noise_image(width: int = 48, height: int = 32, seed: int = 0) -> Image.Image:
@@ -157,9 +150,7 @@ def test_valid_compressed_bomb_keeps_memory_bounded(tmp_path: Path) -> None:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr + result.stdout
     growth_mb = int(result.stdout) / 1024  # ru_maxrss is in KiB on Linux
     assert growth_mb < 200
@@ -220,10 +211,7 @@ def test_text_file_message_shows_what_was_received(tmp_path: Path) -> None:
 def test_svg_is_refused_with_a_clear_message(svg: bytes) -> None:
     with pytest.raises(InvalidInputError) as excinfo:
         load_image(svg)
-    assert (
-        str(excinfo.value)
-        == "SVG images are not supported; please upload PNG, JPEG, WebP, GIF, BMP or TIFF."
-    )
+    assert str(excinfo.value) == "SVG images are not supported; please upload PNG, JPEG, WebP, GIF, BMP or TIFF."
 
 
 @pytest.mark.parametrize(
@@ -298,9 +286,7 @@ MODE_CASES = [
     pytest.param(Image.new("La", (4, 4), (50, 128)), (177, 177, 177), [], id="La"),
     pytest.param(Image.new("PA", (4, 4), (1, 0)), WHITE, [], id="PA"),
     pytest.param(palette_image(transparent_index=1), WHITE, ["PNG", "GIF"], id="P-transparent"),
-    pytest.param(
-        palette_image(transparent_index=0), RED, ["PNG", "GIF"], id="P-other-index-transparent"
-    ),
+    pytest.param(palette_image(transparent_index=0), RED, ["PNG", "GIF"], id="P-other-index-transparent"),
     pytest.param(palette_image(transparent_index=None), RED, ["PNG", "GIF", "BMP", "TIFF"], id="P"),
     pytest.param(Image.new("L", (4, 4), 77), (77, 77, 77), ["PNG", "TIFF", "BMP"], id="L"),
     pytest.param(Image.new("1", (4, 4), 1), WHITE, ["PNG", "TIFF", "BMP"], id="1"),
@@ -321,12 +307,8 @@ MODE_CASES = [
 
 
 @pytest.mark.parametrize(("source", "expected", "formats"), MODE_CASES)
-def test_every_mode_becomes_rgb(
-    source: Image.Image, expected: tuple[int, int, int], formats: list[str]
-) -> None:
-    for label, loaded in [("PIL", load_image(source))] + [
-        (fmt, load_image(encode(source, fmt))) for fmt in formats
-    ]:
+def test_every_mode_becomes_rgb(source: Image.Image, expected: tuple[int, int, int], formats: list[str]) -> None:
+    for label, loaded in [("PIL", load_image(source))] + [(fmt, load_image(encode(source, fmt))) for fmt in formats]:
         assert loaded.mode == "RGB", label
         assert loaded.size == source.size, label
         assert_close(rgb_at(loaded, 1, 1), expected), label
@@ -350,9 +332,7 @@ def test_sixteen_bit_gradient_is_scaled_not_clipped() -> None:
         ("I", [5, 5, 5], [5, 5, 5]),
     ],
 )
-def test_unbounded_modes_are_scaled_predictably(
-    mode: str, values: list[float], expected: list[int]
-) -> None:
+def test_unbounded_modes_are_scaled_predictably(mode: str, values: list[float], expected: list[int]) -> None:
     dtype = np.float32 if mode == "F" else np.int32
     image = Image.fromarray(np.array([values], dtype=dtype))
     assert image.mode == mode
@@ -415,11 +395,7 @@ def red_corner(image: Image.Image) -> str:
         "bottom-left": (width // 4, 3 * height // 4),
         "bottom-right": (3 * width // 4, 3 * height // 4),
     }
-    red = [
-        name
-        for name, xy in corners.items()
-        if rgb_at(image, *xy)[0] > 200 and rgb_at(image, *xy)[2] < 60
-    ]
+    red = [name for name, xy in corners.items() if rgb_at(image, *xy)[0] > 200 and rgb_at(image, *xy)[2] < 60]
     assert len(red) == 1, red
     return red[0]
 
@@ -606,9 +582,7 @@ def test_byte_limit_applies_to_bytes_and_paths(tmp_path: Path) -> None:
     data = encode(noise_image(), "PNG")
     path = tmp_path / "image.png"
     path.write_bytes(data)
-    with pytest.raises(
-        InvalidInputError, match=rf"^The file is {len(data):,} bytes; the limit is 100 bytes\.$"
-    ):
+    with pytest.raises(InvalidInputError, match=rf"^The file is {len(data):,} bytes; the limit is 100 bytes\.$"):
         load_image(data, max_bytes=100)
     with pytest.raises(InvalidInputError, match="larger than the limit of 100 bytes"):
         load_image(path, max_bytes=100)

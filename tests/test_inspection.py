@@ -1,4 +1,5 @@
-"""sparsecut.inspection: grid mappings with known answers, pictures, log-probabilities, prompts, sessions."""
+"""demo.engine and sparsecut.inspection: grid mappings with known answers, pictures, log-probabilities, prompts,
+sessions."""
 
 import gc
 import importlib
@@ -14,10 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sparsecut import inspection
-from sparsecut.inspection import (
-    CHART_SIZE,
-    VIEW_SIZE,
+from demo import engine as engine_module
+from demo.engine import (
     Answer,
     ChatEngine,
     ChatSession,
@@ -28,14 +27,18 @@ from sparsecut.inspection import (
     PromptTooLongError,
     default_quantization,
     error_message,
+    sequence_logprob,
+    to_messages,
+)
+from sparsecut.inspection import (
+    CHART_SIZE,
+    VIEW_SIZE,
     high_res_to_grid,
     neighbours_to_grid,
     overlay,
     patch_at,
     render_visuals,
-    sequence_logprob,
     shortcut_chart,
-    to_messages,
 )
 from sparsecut.modeling import ShortcutStats
 from sparsecut.testing import tiny_model
@@ -366,7 +369,7 @@ def test_an_error_during_generation_becomes_a_message_and_the_next_request_works
 
 def test_memory_held_by_a_failed_generation_is_released_before_the_next_request(engine, monkeypatch, caplog):
     # Unlogged, so that no log record keeps the traceback (and the tensor in it) alive.
-    caplog.set_level(logging.CRITICAL, logger=inspection.logger.name)
+    caplog.set_level(logging.CRITICAL, logger=engine_module.logger.name)
     held = []
 
     def out_of_memory(**kwargs):
@@ -387,17 +390,6 @@ def test_memory_held_by_a_failed_generation_is_released_before_the_next_request(
     assert failed.status == "failed" and "ran out of memory" in failed.reply()
     monkeypatch.setattr(engine.model, "generate", generate)
     assert ask(session, engine, "Again?").status == "done" and session.last_answer.stats is not None
-
-
-def test_release_memory_empties_the_cuda_cache_when_there_is_cuda(monkeypatch):
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    inspection.release_memory()
-    assert emptied == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    inspection.release_memory()
-    assert emptied == [1]
 
 
 def test_an_empty_message_is_answered_with_a_hint(engine):
@@ -454,7 +446,7 @@ def test_quantization_without_bitsandbytes_falls_back_to_none_with_a_notice(chec
     monkeypatch.setattr(
         build_module.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name)
     )
-    with caplog.at_level(logging.WARNING, logger=inspection.logger.name):
+    with caplog.at_level(logging.WARNING, logger=engine_module.logger.name):
         loaded = ChatEngine.load(str(checkpoint), quantization="4bit", device="cpu", max_new_tokens=4)
     assert loaded.quantization == "none" and "none quantization" in loaded.describe()
     assert len(loaded.notices) == 1 and "4bit" in loaded.notices[0] and "not installed" in loaded.notices[0]

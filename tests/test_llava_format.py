@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsecut.llava_format import Sample, group_by_image, load_llava_json, sample_to_messages, save_llava_json
+from sparsecut.data.llava_format import Sample, group_by_image, load_llava_json, sample_to_messages, save_llava_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llava_tiny.json"
 
@@ -126,14 +126,23 @@ def _question(i: int, image: str | None) -> Sample:
 
 
 def test_group_by_image_merges_records_of_one_image_into_multi_turn_conversations(tmp_path):
-    samples = [_question(0, "a.png"), _question(1, "b.png"), _question(2, "a.png"), _question(3, None),
-               _question(4, "a.png"), _question(5, "b.png")]
+    samples = [
+        _question(0, "a.png"),
+        _question(1, "b.png"),
+        _question(2, "a.png"),
+        _question(3, None),
+        _question(4, "a.png"),
+        _question(5, "b.png"),
+    ]
     merged = group_by_image(samples, max_turns=2)
-    assert [(s.image, s.id) for s in merged] == [("a.png", "q0+q2"), ("a.png", "q4"), ("b.png", "q1+q5"),
-                                                 (None, "q3")]
+    assert [(s.image, s.id) for s in merged] == [("a.png", "q0+q2"), ("a.png", "q4"), ("b.png", "q1+q5"), (None, "q3")]
     first = merged[0]
-    assert first.turns == [("user", "<image>\nQuestion 0?"), ("assistant", "Answer 0."),
-                           ("user", "Question 2?"), ("assistant", "Answer 2.")]
+    assert first.turns == [
+        ("user", "<image>\nQuestion 0?"),
+        ("assistant", "Answer 0."),
+        ("user", "Question 2?"),
+        ("assistant", "Answer 2."),
+    ]
     assert first.meta == {"n": 0}
     # Merged records are valid LLaVA records: one placeholder, in the first turn.
     save_llava_json(merged, tmp_path / "merged.json")

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from benchmarks import load_test
-from sparsecut.inspection import ChatEngine
+from demo.engine import ChatEngine
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas 3 deprecations in Gradio
 

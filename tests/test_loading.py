@@ -9,7 +9,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import sparsecut
 from sparsecut import build, load_model
-from sparsecut.testing import byte_tokenizer, tiny_model, tiny_text_config, tiny_vision_config
+from sparsecut.testing import tiny_model, tiny_text_config, tiny_vision_config
+from sparsecut.tokenization import byte_tokenizer
 
 
 def generate(model, processor, question="Describe.", seed=1, tokens=6):
@@ -51,6 +52,19 @@ def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.import_module("sparsecut.build"), "DEFAULT_WEIGHTS", tmp_path)
     with pytest.raises(FileNotFoundError, match="No default model"):
         load_model()
+
+
+def test_default_weights_are_found_from_the_environment_a_checkout_or_an_installed_package(monkeypatch, tmp_path):
+    build_module = importlib.import_module("sparsecut.build")
+    checkout, installed = tmp_path / "checkout", tmp_path / "site-packages"
+    tiny_model()[0].config.save_pretrained(installed / "sparsecut" / "weights")  # a wheel's copy of weights/
+    monkeypatch.delenv("SPARSECUT_WEIGHTS", raising=False)
+    assert build_module.default_weights(installed / "sparsecut") == installed / "sparsecut" / "weights"
+    assert build_module.default_weights(checkout / "sparsecut") == checkout / "weights"  # where training writes
+    tiny_model()[0].config.save_pretrained(checkout / "weights")
+    assert build_module.default_weights(checkout / "sparsecut") == checkout / "weights"
+    monkeypatch.setenv("SPARSECUT_WEIGHTS", str(tmp_path / "elsewhere"))
+    assert build_module.default_weights(checkout / "sparsecut") == tmp_path / "elsewhere"
 
 
 @pytest.mark.parametrize("quantization,layer_class", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsecut.metrics import (
+from sparsecut.evaluation.metrics import (
     DescribedObject,
     description_metrics,
     exact_match,
@@ -131,7 +131,7 @@ def test_score_and_markdown_by_hand():
 
 
 def test_descriptions_of_rendered_scenes_parse_back():
-    from sparsecut.shapesworld import describe, sample_scene, scene_rng
+    from sparsecut.data.shapesworld import describe, sample_scene, scene_rng
 
     for i in range(30):
         scene = sample_scene(scene_rng(0, "metrics", i))

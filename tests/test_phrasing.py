@@ -1,14 +1,13 @@
-"""ShapesWorld questions as people ask them (sparsecut/phrasing.py) and the scoring of answers in a form."""
+"""ShapesWorld questions as people ask them (sparsecut/data/shapesworld/phrasing.py) and the scoring of answers
+in a form."""
 
 import re
 from collections import Counter, defaultdict
 
 import pytest
 
-from sparsecut.llava_format import load_llava_json
-from sparsecut.metrics import description_metrics, score, states_answer
-from sparsecut.phrasing import FRAMES, INSTRUCTIONS, NOUNS, OUTSIDE_THINGS, PICTURES, PREFIXES, rephrase
-from sparsecut.shapesworld import (
+from sparsecut.data.llava_format import load_llava_json
+from sparsecut.data.shapesworld import (
     COLOURS,
     FAMILIES,
     PATTERNS,
@@ -22,9 +21,20 @@ from sparsecut.shapesworld import (
     sample_scene,
     scene_rng,
 )
+from sparsecut.data.shapesworld.phrasing import (
+    FRAMES,
+    INSTRUCTIONS,
+    NOUNS,
+    OUTSIDE_THINGS,
+    PICTURES,
+    PREFIXES,
+    rephrase,
+)
+from sparsecut.evaluation.metrics import description_metrics, score, states_answer
 
-VALUES = sorted({*COLOURS, *SHAPES, *SIZES, *PATTERNS, *REGIONS, "crosses", *[w + "s" for w in SHAPES]},
-                key=len, reverse=True)
+VALUES = sorted(
+    {*COLOURS, *SHAPES, *SIZES, *PATTERNS, *REGIONS, "crosses", *[w + "s" for w in SHAPES]}, key=len, reverse=True
+)
 
 
 def phrased(pool: str, n_scenes: int = 400):
@@ -139,8 +149,16 @@ def test_scores_keep_forms_apart_from_short_answers(tmp_path):
     path = generate_dataset(tmp_path, n_images=30, split="val", phrasing="train")
     samples = load_llava_json(path, image_root=str(tmp_path))
     assert all({"form", "short"} <= set(s.meta) for s in samples)
-    records = [{"family": s.meta["family"], "form": s.meta["form"], "short": s.meta["short"],
-                "prediction": s.turns[1][1], "answer": s.turns[1][1]} for s in samples]
+    records = [
+        {
+            "family": s.meta["family"],
+            "form": s.meta["form"],
+            "short": s.meta["short"],
+            "prediction": s.turns[1][1],
+            "answer": s.turns[1][1],
+        }
+        for s in samples
+    ]
     scores = score(records)
     assert scores["overall"]["accuracy"] == 1.0
     assert all(m["accuracy"] == 1.0 for m in scores["forms"].values())

@@ -4,8 +4,8 @@ import random
 
 from transformers import AutoModel
 
-from sparsecut.pretrain_vision import VisionPretrainConfig, occupancy, pretrain_vision, view_targets
-from sparsecut.shapesworld import sample_scene
+from sparsecut.data.shapesworld import sample_scene
+from sparsecut.training.pretrain_vision import VisionPretrainConfig, occupancy, pretrain_vision, view_targets
 
 
 def test_targets_follow_object_centres_into_each_view():
@@ -39,7 +39,7 @@ def test_short_pretraining_learns_and_saves_a_loadable_encoder(tmp_path):
 def test_stage_zero_scenes_always_carry_a_character():
     import random
 
-    from sparsecut.pretrain_vision import sample_scene_with_character
+    from sparsecut.training.pretrain_vision import sample_scene_with_character
 
     rng = random.Random(0)
     scenes = [sample_scene_with_character(rng) for _ in range(20)]
@@ -52,7 +52,7 @@ def test_scene_batches_are_seeded_per_worker():
 
     import torch
 
-    from sparsecut.pretrain_vision import SceneBatches
+    from sparsecut.training.pretrain_vision import SceneBatches
 
     def first(stream, n=2):
         return [batch for batch in itertools.islice(stream, n)]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsecut.probe import centre_patch, probe, probe_predictions
+from sparsecut.evaluation.probe import centre_patch, probe, probe_predictions
 
 
 def test_centre_patch_is_the_patch_under_the_point():
@@ -32,22 +32,24 @@ def test_a_probe_reads_what_is_there_and_not_what_is_not():
 
 def probed(tmp_path, monkeypatch, train_images: int, test_images: int):
     """(model, results) of `probe` over a fresh 64 px ShapesWorld and a tiny random model."""
-    from sparsecut import probe as probe_module
-    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.data.shapesworld import generate_dataset
+    from sparsecut.evaluation import probe as probe_module
     from sparsecut.testing import tiny_model
 
     for split, n in (("train", train_images), ("test", test_images)):
         generate_dataset(tmp_path, n_images=n, seed=0, image_size=64, questions_per_image=1, split=split)
     model, processor = tiny_model(schedule="uniform:2")
     monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))
-    return model, probe(data=str(tmp_path), train_images=train_images, test_images=test_images,
-                        out_dir=str(tmp_path / "out"))
+    return model, probe(
+        data=str(tmp_path), train_images=train_images, test_images=test_images, out_dir=str(tmp_path / "out")
+    )
 
 
 def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
     model, results = probed(tmp_path, monkeypatch, 12, 6)
-    sources = ["projector input", "input"] + [f"shortcut {v}->{lm}" for v, lm in
-                           zip(model.config.shortcut_vision_layers, model.config.shortcut_llm_layers)]
+    sources = ["projector input", "input"] + [
+        f"shortcut {v}->{lm}" for v, lm in zip(model.config.shortcut_vision_layers, model.config.shortcut_llm_layers)
+    ]
     assert list(results["probes"]) == sources
     scenes = json.loads((tmp_path / "test_scenes.json").read_text())
     assert results["objects"]["test"] == sum(len(scene["objects"]) for scene in scenes.values())
@@ -58,8 +60,8 @@ def test_probe_scores_every_source_and_attribute(tmp_path, monkeypatch):
 
 
 def test_projector_input_is_the_feature_layers_low_res_token_with_its_high_res_neighbours(tmp_path):
-    from sparsecut.probe import centre_patch, object_tokens
-    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.data.shapesworld import generate_dataset
+    from sparsecut.evaluation.probe import centre_patch, object_tokens
     from sparsecut.testing import tiny_model
     from sparsecut.vision import encode_layers
 
@@ -84,7 +86,7 @@ def test_projector_input_is_the_feature_layers_low_res_token_with_its_high_res_n
 
 
 def test_characters_are_scored_apart_for_glyphs_the_crops_cut_and_glyphs_one_crop_shows(tmp_path, monkeypatch):
-    from sparsecut.shapesworld import SceneObject, glyph_cut_by_grid
+    from sparsecut.data.shapesworld import SceneObject, glyph_cut_by_grid
 
     model, results = probed(tmp_path, monkeypatch, 200, 60)
 
@@ -105,7 +107,7 @@ def test_characters_are_scored_apart_for_glyphs_the_crops_cut_and_glyphs_one_cro
 
 def llm_probe_data(tmp_path):
     """A fresh 64 px ShapesWorld (8 questions an image, so every attribute family is asked) and a tiny model."""
-    from sparsecut.shapesworld import generate_dataset
+    from sparsecut.data.shapesworld import generate_dataset
     from sparsecut.testing import tiny_model
 
     for split, n in (("train", 10), ("test", 6)):
@@ -114,14 +116,17 @@ def llm_probe_data(tmp_path):
 
 
 def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_predicted(tmp_path):
-    from sparsecut.llava_format import load_llava_json, sample_to_messages
-    from sparsecut.probe import question_states
+    from sparsecut.data.llava_format import load_llava_json, sample_to_messages
+    from sparsecut.evaluation.probe import question_states
 
     model, processor = llm_probe_data(tmp_path)
     depth = model.config.text_config.num_hidden_layers
     states = question_states(model, processor, tmp_path, "test", "colour", 3, layers=[0, depth])
-    samples = [s for s in load_llava_json(str(tmp_path / "test.json"), image_root=str(tmp_path))
-               if s.meta["family"] == "colour"][:3]
+    samples = [
+        s
+        for s in load_llava_json(str(tmp_path / "test.json"), image_root=str(tmp_path))
+        if s.meta["family"] == "colour"
+    ][:3]
     assert states["answers"] == [s.turns[1][1] for s in samples]
     scenes = json.loads((tmp_path / "test_scenes.json").read_text())
     for k, sample in enumerate(samples):
@@ -134,8 +139,13 @@ def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_p
         index = centre_patch(obj["x"], obj["y"], model.config.patches_per_side)
         torch.testing.assert_close(states["object"][k, 0], tokens[index], rtol=1e-4, atol=1e-5)
         # The last layer at the answer position predicts the token the model answers with.
-        inputs = processor.apply_chat_template([sample_to_messages(sample)[:1]], images=[[sample.image]],
-                                               add_generation_prompt=True, tokenize=True, return_dict=True)
+        inputs = processor.apply_chat_template(
+            [sample_to_messages(sample)[:1]],
+            images=[[sample.image]],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )
         with torch.no_grad():
             first = model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1]
             logits = model.compute_logits(states["answer"][k, 1])
@@ -143,8 +153,8 @@ def test_llm_states_are_read_at_the_asked_about_object_and_where_the_answer_is_p
 
 
 def test_llm_probe_scores_every_layer_family_and_position(tmp_path, monkeypatch):
-    from sparsecut import probe as probe_module
-    from sparsecut.probe import llm_probe
+    from sparsecut.evaluation import probe as probe_module
+    from sparsecut.evaluation.probe import llm_probe
 
     model, processor = llm_probe_data(tmp_path)
     monkeypatch.setattr(probe_module, "load_model", lambda *args, **kwargs: (model, processor))

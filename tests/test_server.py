@@ -12,8 +12,8 @@ from gradio_client import Client
 from gradio_client.utils import QueueError
 from test_app import chat_request, serving
 
+from demo.engine import ChatEngine
 from demo.examples import EXAMPLES_DIR, load_examples
-from sparsecut.inspection import ChatEngine
 
 ROOT = EXAMPLES_DIR.parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas 3 deprecations in Gradio

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparsecut.llava_format import load_llava_json
-from sparsecut.metrics import parse_description
-from sparsecut.shapesworld import (
+from sparsecut.data.llava_format import load_llava_json
+from sparsecut.data.shapesworld import (
     CHAR_SHAPES,
     CHARS,
     COLOUR_RGB,
@@ -45,6 +44,7 @@ from sparsecut.shapesworld import (
     scene_rng,
     scene_to_dict,
 )
+from sparsecut.evaluation.metrics import parse_description
 
 N_SCENES = 150  # enough to hit every family and phrasing many times, small enough to stay fast
 
@@ -395,8 +395,7 @@ def test_generated_dataset_is_consistent_deterministic_and_splits_are_disjoint(t
 def test_the_command_line_writes_the_training_recipes_split_given_its_questions_per_image(tmp_path):
     from sparsecut.cli import main
 
-    main(["shapesworld", str(tmp_path / "cli"), "--n-images", "3", "--image-size", "64",
-          "--questions-per-image", "8"])
+    main(["shapesworld", str(tmp_path / "cli"), "--n-images", "3", "--image-size", "64", "--questions-per-image", "8"])
     generate_dataset(tmp_path / "api", n_images=3, seed=0, image_size=64, questions_per_image=8, split="train")
     written = json.loads((tmp_path / "cli" / "train.json").read_text())
     assert len(written) == 3 * 8

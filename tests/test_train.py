@@ -9,33 +9,13 @@ import yaml
 from safetensors.torch import load_file
 
 from sparsecut import load_model
-from sparsecut.shapesworld import generate_dataset
-from sparsecut.testing import tiny_model
-from sparsecut.train import StageConfig, TrainConfig, initial_model, read_log, set_trainable, train
+from sparsecut.data.shapesworld import generate_dataset
+from sparsecut.testing import TINY_TEXT, TINY_VISION, tiny_model
+from sparsecut.training.train import StageConfig, TrainConfig, initial_model, read_log, set_trainable, train
 
-TINY_MODEL = {
-    "vision": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-    },
-    "llm": {
-        "model_type": "llama",
-        "vocab_size": 320,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
+TINY_MODEL = {  # the toy backbones of sparsecut.testing, as a training yaml names them
+    "vision": {"model_type": "siglip_vision_model", **TINY_VISION},
+    "llm": {"model_type": "llama", **TINY_TEXT},
     "tokenizer": "byte",
     "config": {"fusion": "cross_attention", "schedule": "uniform:2", "fusion_num_heads": 4},
 }
@@ -64,8 +44,16 @@ def test_two_stages_lower_the_loss_and_reload(tmp_path, shapes):
         shapes,
         [
             {**common, "name": "align", "train": ["fusion", "gates"], "max_steps": 10, "learning_rate": 3e-3},
-            {**common, "name": "instruct", "train": ["fusion", "gates", "llm"], "max_steps": 20, "learning_rate": 3e-3,
-             "group_turns": 2, "independent_turns": True, "num_workers": 1},  # images read in a worker process
+            {
+                **common,
+                "name": "instruct",
+                "train": ["fusion", "gates", "llm"],
+                "max_steps": 20,
+                "learning_rate": 3e-3,
+                "group_turns": 2,
+                "independent_turns": True,
+                "num_workers": 1,
+            },  # images read in a worker process
         ],
     )
     final = train(str(path))
@@ -108,7 +96,7 @@ def test_config_paths_are_relative_to_the_yaml(tmp_path):
 def test_lora_stage_ships_without_the_base_llm(tmp_path, shapes, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sparsecut.testing import byte_tokenizer
+    from sparsecut.tokenization import byte_tokenizer
 
     train_json, _ = shapes
     llm_dir = tmp_path / "base-llm"
@@ -169,8 +157,15 @@ def crash_on_step(monkeypatch, n: int):
 
 
 def align_stage(train_json, **extra) -> dict:
-    return {"name": "align", "data": str(train_json), "train": ["fusion", "gates"], "max_steps": 5, "save_every": 2,
-            "batch_size": 4, **extra}
+    return {
+        "name": "align",
+        "data": str(train_json),
+        "train": ["fusion", "gates"],
+        "max_steps": 5,
+        "save_every": 2,
+        "batch_size": 4,
+        **extra,
+    }
 
 
 def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, shapes, monkeypatch):
@@ -206,8 +201,8 @@ def test_a_resumed_stage_averages_with_where_the_stage_started_not_where_it_resu
 
 
 def test_encoding_labels_answers_only_and_truncates_without_cutting_images():
-    from sparsecut.data import IGNORE_INDEX, encode_sample
-    from sparsecut.llava_format import Sample
+    from sparsecut.data.collate import IGNORE_INDEX, encode_sample
+    from sparsecut.data.llava_format import Sample
     from sparsecut.testing import tiny_model
 
     _, processor = tiny_model()
@@ -227,7 +222,7 @@ def test_encoding_labels_answers_only_and_truncates_without_cutting_images():
 
 
 def test_length_grouped_batches_cover_the_data_once_with_little_padding():
-    from sparsecut.train import LengthGroupedBatches
+    from sparsecut.training.train import LengthGroupedBatches
 
     lengths = [int(x) for x in torch.randint(20, 300, (1000,), generator=torch.Generator().manual_seed(0))]
     sampler = LengthGroupedBatches(lengths, batch_size=8, seed=0, window=16)
@@ -246,7 +241,7 @@ def test_length_grouped_batches_cover_the_data_once_with_little_padding():
 
 
 def test_the_grounding_check_gives_every_sample_another_image():
-    from sparsecut.train import other_images
+    from sparsecut.training.train import other_images
 
     a, b, c = (torch.full((5, 3, 4, 4), float(v)) for v in (1, 2, 3))
     batch = torch.stack([a, a, a, b, b, c])  # questions about one image come in a row in held-out files
@@ -260,7 +255,7 @@ def test_the_grounding_check_gives_every_sample_another_image():
 def test_fusion_trains_at_its_own_learning_rate():
     from sparsecut.adapters import LORA_DEFAULTS
     from sparsecut.testing import tiny_model
-    from sparsecut.train import add_lora, parameter_groups
+    from sparsecut.training.train import add_lora, parameter_groups
 
     model, _ = tiny_model()
     add_lora(model, dict(LORA_DEFAULTS, r=2))
@@ -278,7 +273,7 @@ def test_fusion_trains_at_its_own_learning_rate():
 
 def test_a_stage_can_train_on_chosen_families_only(tmp_path, shapes):
     from sparsecut.testing import tiny_model
-    from sparsecut.train import _loader
+    from sparsecut.training.train import _loader
 
     train_json, test_json = shapes
     families = {record["family"] for record in json.loads(open(train_json).read())}
@@ -299,7 +294,7 @@ def test_a_stage_can_train_on_chosen_families_only(tmp_path, shapes):
 def test_training_images_can_carry_more_questions_than_test_images(tmp_path):
     from collections import Counter
 
-    from sparsecut.train import prepare_shapesworld
+    from sparsecut.training.train import prepare_shapesworld
 
     prepare_shapesworld(str(tmp_path), train_images=3, test_images=2, image_size=32, train_questions_per_image=6)
     per_image = {
@@ -314,7 +309,7 @@ def test_training_images_can_carry_more_questions_than_test_images(tmp_path):
 
 
 def test_branch_attention_shares_the_prefix_only():
-    from sparsecut.data import branch_attention
+    from sparsecut.data.collate import branch_attention
 
     segments = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
     valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1] * 8]).bool()
@@ -331,20 +326,25 @@ def test_branch_attention_shares_the_prefix_only():
 def _questions_about_one_image(tmp_path):
     from PIL import Image
 
-    from sparsecut.llava_format import Sample
+    from sparsecut.data.llava_format import Sample
 
     image = tmp_path / "scene.png"
     Image.new("RGB", (48, 40), (200, 30, 30)).save(image)
-    qa = [("What colour is the circle?", "red"), ("Describe the image.", "a large red circle at the top left"),
-          ("How many squares are there?", "0")]
-    return [Sample(id=f"q{i}", image=str(image), turns=[("user", "<image>\n" + q), ("assistant", a)])
-            for i, (q, a) in enumerate(qa)]
+    qa = [
+        ("What colour is the circle?", "red"),
+        ("Describe the image.", "a large red circle at the top left"),
+        ("How many squares are there?", "0"),
+    ]
+    return [
+        Sample(id=f"q{i}", image=str(image), turns=[("user", "<image>\n" + q), ("assistant", a)])
+        for i, (q, a) in enumerate(qa)
+    ]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_questions_are_computed_as_if_each_was_asked_alone(tmp_path, attention):
-    from sparsecut.data import IGNORE_INDEX, Collator, ConversationDataset, encode_sample
-    from sparsecut.llava_format import group_by_image, image_groups
+    from sparsecut.data.collate import IGNORE_INDEX, Collator, ConversationDataset, encode_sample
+    from sparsecut.data.llava_format import group_by_image, image_groups
     from sparsecut.testing import tiny_model
 
     model, processor = tiny_model()
@@ -371,26 +371,39 @@ def test_packed_questions_are_computed_as_if_each_was_asked_alone(tmp_path, atte
 
 
 def test_packing_refuses_what_it_cannot_share(tmp_path):
-    from sparsecut.data import encode_sample, pack_shared_prefix
-    from sparsecut.llava_format import Sample
+    from sparsecut.data.collate import encode_sample, pack_shared_prefix
+    from sparsecut.data.llava_format import Sample
     from sparsecut.testing import tiny_model
 
     _, processor = tiny_model()
     one, two, _ = (encode_sample(s, processor) for s in _questions_about_one_image(tmp_path))
     with pytest.raises(ValueError, match="one and the same image"):
-        pack_shared_prefix([one, encode_sample(Sample(id="o", image="other.png", turns=[
-            ("user", "<image>\nColour?"), ("assistant", "red")]), processor)], processor.image_token_id)
-    late = encode_sample(Sample(id="l", image=one.image, turns=[("user", "Hi"), ("assistant", "hello"),
-                                                                ("user", "<image>\nColour?"), ("assistant", "red")]),
-                         processor)
+        pack_shared_prefix(
+            [
+                one,
+                encode_sample(
+                    Sample(id="o", image="other.png", turns=[("user", "<image>\nColour?"), ("assistant", "red")]),
+                    processor,
+                ),
+            ],
+            processor.image_token_id,
+        )
+    late = encode_sample(
+        Sample(
+            id="l",
+            image=one.image,
+            turns=[("user", "Hi"), ("assistant", "hello"), ("user", "<image>\nColour?"), ("assistant", "red")],
+        ),
+        processor,
+    )
     with pytest.raises(ValueError, match="outside the shared prefix"):
         pack_shared_prefix([one, late], processor.image_token_id)
 
 
 def test_independent_turns_pack_each_images_questions(tmp_path, shapes):
-    from sparsecut.data import IGNORE_INDEX
+    from sparsecut.data.collate import IGNORE_INDEX
     from sparsecut.testing import tiny_model
-    from sparsecut.train import _loader
+    from sparsecut.training.train import _loader
 
     train_json, _ = shapes
     records = json.loads(open(train_json).read())
@@ -402,8 +415,9 @@ def test_independent_turns_pack_each_images_questions(tmp_path, shapes):
     for item in items:
         assert item.input_ids.count(processor.image_token_id) == processor.num_image_tokens
         answers = {r["conversations"][1]["value"] for r in records if item.image.endswith(r["image"])}
-        supervised = processor.tokenizer.decode([t for t, label in zip(item.input_ids, item.labels)
-                                                 if label != IGNORE_INDEX])
+        supervised = processor.tokenizer.decode(
+            [t for t, label in zip(item.input_ids, item.labels) if label != IGNORE_INDEX]
+        )
         assert set(supervised.split("<|im_end|>\n")) - {""} == answers
     batch = next(iter(loader))
     assert batch["attention_mask"].ndim == 4 and batch["position_ids"].shape == batch["input_ids"].shape
@@ -413,7 +427,7 @@ def test_family_weights_repeat_a_familys_records_next_to_their_image(tmp_path, s
     from collections import Counter
 
     from sparsecut.testing import tiny_model
-    from sparsecut.train import _loader
+    from sparsecut.training.train import _loader
 
     train_json, _ = shapes
     recorded = Counter(record["family"] for record in json.loads(open(train_json).read()))
@@ -442,8 +456,15 @@ def test_family_weights_repeat_a_familys_records_next_to_their_image(tmp_path, s
 def test_the_seed_fixes_the_new_modules_initialisation():
     def fresh(seed):
         torch.rand(7)  # whatever ran before must not matter
-        config = TrainConfig.from_dict({"output_dir": "unused", "seed": seed, "model": TINY_MODEL,
-                                        "stages": [{"name": "align", "data": "train.json"}]}, Path("."))
+        config = TrainConfig.from_dict(
+            {
+                "output_dir": "unused",
+                "seed": seed,
+                "model": TINY_MODEL,
+                "stages": [{"name": "align", "data": "train.json"}],
+            },
+            Path("."),
+        )
         model, _ = initial_model(config)
         return {name: value.clone() for name, value in model.state_dict().items() if name.startswith("fusion.")}
 
@@ -453,7 +474,7 @@ def test_the_seed_fixes_the_new_modules_initialisation():
 
 
 def test_a_stage_can_draw_its_data_order_from_its_own_seed(tmp_path, shapes, monkeypatch):
-    from sparsecut.train import LengthGroupedBatches
+    from sparsecut.training.train import LengthGroupedBatches
 
     train_json, _ = shapes
     seen = []
@@ -498,7 +519,7 @@ def test_model_paths_are_taken_from_the_yamls_folder_when_explicitly_relative_or
 
 
 def test_bf16_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypatch):
-    from sparsecut import train as training
+    from sparsecut.training import train as training
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
@@ -511,8 +532,14 @@ def test_bf16_falls_back_to_float32_on_a_cpu_without_bf16_instructions(monkeypat
     assert training.mixed_precision_for("auto") == "bf16"
     assert training.mixed_precision_for("no") == "no"
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
-        TrainConfig.from_dict({"output_dir": "unused", "mixed_precision": "bfloat16",
-                               "stages": [{"name": "align", "data": "train.json"}]}, Path("."))
+        TrainConfig.from_dict(
+            {
+                "output_dir": "unused",
+                "mixed_precision": "bfloat16",
+                "stages": [{"name": "align", "data": "train.json"}],
+            },
+            Path("."),
+        )
 
 
 def test_a_saved_model_can_be_trained_on_with_overlapping_crops(tmp_path):

@@ -1,4 +1,4 @@
-"""The out-of-world check (sparsecut/world_check.py) and the chat's notice for pictures outside the world."""
+"""The out-of-world check (sparsecut/evaluation/world_check.py) and the chat's notice for pictures outside the world."""
 
 from dataclasses import replace
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparsecut.inspection import ChatEngine, ChatSession, GenerationSettings
+from demo.engine import ChatEngine, ChatSession, GenerationSettings
+from sparsecut.evaluation.world_check import WorldCheck
 from sparsecut.testing import tiny_model
-from sparsecut.world_check import WorldCheck
 
 WORLD = "smooth pastel gradients"
 

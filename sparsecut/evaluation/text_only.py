@@ -20,32 +20,69 @@ from tqdm.auto import tqdm
 
 PROMPTS = (
     # questions
-    "What is the capital of France?", "Who wrote Romeo and Juliet?", "What is the largest planet in our solar system?",
-    "Why is the sky blue?", "What do bees make?", "How many days are in a week?", "What is photosynthesis?",
-    "Which ocean is the largest?", "What language is spoken in Brazil?", "What is the boiling point of water?",
-    "Who painted the Mona Lisa?", "What is the opposite of hot?", "Where do penguins live?",
-    "What is a noun?", "How many legs does a spider have?",
+    "What is the capital of France?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in our solar system?",
+    "Why is the sky blue?",
+    "What do bees make?",
+    "How many days are in a week?",
+    "What is photosynthesis?",
+    "Which ocean is the largest?",
+    "What language is spoken in Brazil?",
+    "What is the boiling point of water?",
+    "Who painted the Mona Lisa?",
+    "What is the opposite of hot?",
+    "Where do penguins live?",
+    "What is a noun?",
+    "How many legs does a spider have?",
     # instructions
-    "Give me three tips for sleeping better.", "List four fruits that are red.", "Explain what a computer is.",
-    "Suggest a name for a pet goldfish.", "Tell me a fun fact about octopuses.", "Summarise the story of Cinderella.",
-    "Give me a synonym for happy.", "How do I boil an egg?", "Name three colours of the rainbow.",
-    "What should I pack for a day at the beach?", "Describe a rainy day.", "Recommend a book for a child.",
+    "Give me three tips for sleeping better.",
+    "List four fruits that are red.",
+    "Explain what a computer is.",
+    "Suggest a name for a pet goldfish.",
+    "Tell me a fun fact about octopuses.",
+    "Summarise the story of Cinderella.",
+    "Give me a synonym for happy.",
+    "How do I boil an egg?",
+    "Name three colours of the rainbow.",
+    "What should I pack for a day at the beach?",
+    "Describe a rainy day.",
+    "Recommend a book for a child.",
     # arithmetic
-    "What is 7 times 8?", "What is 15 plus 27?", "What is 100 minus 37?", "What is half of 50?",
-    "What is 9 squared?", "If I have 3 apples and eat one, how many are left?", "What is 12 divided by 4?",
-    "Count from one to five.", "What is 2 + 2?",
+    "What is 7 times 8?",
+    "What is 15 plus 27?",
+    "What is 100 minus 37?",
+    "What is half of 50?",
+    "What is 9 squared?",
+    "If I have 3 apples and eat one, how many are left?",
+    "What is 12 divided by 4?",
+    "Count from one to five.",
+    "What is 2 + 2?",
     # translation
-    "Translate 'good morning' into French.", "How do you say 'thank you' in Spanish?",
-    "Translate 'cat' into German.", "What does 'bonjour' mean?", "Translate 'I love books' into Italian.",
+    "Translate 'good morning' into French.",
+    "How do you say 'thank you' in Spanish?",
+    "Translate 'cat' into German.",
+    "What does 'bonjour' mean?",
+    "Translate 'I love books' into Italian.",
     "How do you say 'hello' in Japanese?",
     # writing
-    "Write a haiku about the sea.", "Write a sentence about a cat.", "Write a short poem about autumn.",
-    "Write a two-sentence story about a robot.", "Write a birthday message for my friend.",
-    "Write a slogan for a bakery.", "Write a limerick about a frog.", "Describe the moon in one sentence.",
-    "Write a short thank-you note to a teacher.", "Invent a name for a new ice cream flavour.",
+    "Write a haiku about the sea.",
+    "Write a sentence about a cat.",
+    "Write a short poem about autumn.",
+    "Write a two-sentence story about a robot.",
+    "Write a birthday message for my friend.",
+    "Write a slogan for a bakery.",
+    "Write a limerick about a frog.",
+    "Describe the moon in one sentence.",
+    "Write a short thank-you note to a teacher.",
+    "Invent a name for a new ice cream flavour.",
     # chit-chat
-    "Hello! How are you?", "What can you do?", "Tell me a joke.", "What is your favourite season and why?",
-    "Can you help me plan a picnic?", "Good night!",
+    "Hello! How are you?",
+    "What can you do?",
+    "Tell me a joke.",
+    "What is your favourite season and why?",
+    "Can you help me plan a picnic?",
+    "Good night!",
 )
 
 
@@ -66,8 +103,9 @@ def compare_with_base(model, processor, base_llm, prompts=PROMPTS, max_new_token
         inputs = _render(processor, prompt)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         mine = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1] :]
-        theirs = base_llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=eos)[0, ids.shape[1] :]
+        theirs = base_llm.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos
+        )[0, ids.shape[1] :]
         # KL over the base's answer, teacher-forced through both: how far the model's next-token
         # distributions are from the base's where the base speaks.
         full = torch.cat([ids[0], theirs]).unsqueeze(0)
@@ -77,18 +115,26 @@ def compare_with_base(model, processor, base_llm, prompts=PROMPTS, max_new_token
         kl = F.kl_div(model_logp, base_logp, log_target=True, reduction="none").sum(-1)  # (answer tokens,)
         kl_sum, kl_tokens = kl_sum + float(kl.sum()), kl_tokens + kl.numel()
         decode = processor.tokenizer.decode
-        row = {"prompt": prompt, "model": decode(mine, skip_special_tokens=True).strip(),
-               "base": decode(theirs, skip_special_tokens=True).strip(), "kl": float(kl.mean())}
+        row = {
+            "prompt": prompt,
+            "model": decode(mine, skip_special_tokens=True).strip(),
+            "base": decode(theirs, skip_special_tokens=True).strip(),
+            "kl": float(kl.mean()),
+        }
         row["equal"] = row["model"] == row["base"]
         rows.append(row)
-    return {"n": len(rows), "equal": sum(r["equal"] for r in rows) / max(1, len(rows)),
-            "mean_kl": kl_sum / max(1, kl_tokens), "answers": rows}
+    return {
+        "n": len(rows),
+        "equal": sum(r["equal"] for r in rows) / max(1, len(rows)),
+        "mean_kl": kl_sum / max(1, kl_tokens),
+        "answers": rows,
+    }
 
 
 def text_only(model: str | None = None, out_dir: str | None = None, max_new_tokens: int = 48) -> dict:
     """Command-line entry point: compare a checkpoint (None: the default model) with its base LLM on `PROMPTS`;
     writes text_only.json (every answer) to `out_dir` if given. The checkpoint must name its base LLM."""
-    from .build import load_llm, load_model
+    from ..build import load_llm, load_model
 
     loaded, processor = load_model(model, device="cpu")
     if not loaded.config.base_llm:

@@ -14,7 +14,7 @@ held-out phrasing split) and never trained on. An answer comes in one of four fo
   - reason: the answer, then the objects it rests on ("Yes: the circle is at the top left and ..."), when
     asked why or to explain;
   - prose: a description told as sentences instead of the canonical list ("in your own words").
-`rephrase` turns a question chosen by `shapesworld.make_question` into such a text and its answer.
+`rephrase` turns a question chosen by `questions.make_question` into such a text and its answer.
 """
 
 from __future__ import annotations
@@ -22,24 +22,19 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from .shapesworld import (
+from .questions import (
     _CHOICE_ALONE,
     _CHOICE_PHRASE,
     _REGION_PHRASE,
     _RELATION_PHRASE,
-    COLOURS,
-    PATTERNS,
-    REGIONS,
-    SHAPES,
     QuestionSpec,
     Ref,
-    Scene,
-    SceneObject,
     answer,
     describe,
     describe_object,
     resolve,
 )
+from .world import COLOURS, PATTERNS, REGIONS, SHAPES, Scene, SceneObject
 
 POOLS = ("train", "heldout")
 FORMS = ("short", "sentence", "reason", "prose")
@@ -57,8 +52,12 @@ INSTRUCTIONS = {
         "short": ("Answer with one word.", "One word, please.", "Answer briefly.", "Keep it short."),
         "short_number": ("Answer with a number.", "Give just the number.", "Reply with a number only."),
         "short_yes_no": ("Answer yes or no.", "Just yes or no, please.", "Reply with yes or no."),
-        "sentence": ("Answer in a full sentence.", "Please answer with a complete sentence.",
-                     "Use a full sentence.", "Reply in one sentence."),
+        "sentence": (
+            "Answer in a full sentence.",
+            "Please answer with a complete sentence.",
+            "Use a full sentence.",
+            "Reply in one sentence.",
+        ),
         "reason": ("Explain your answer.", "Why?", "Give a reason.", "Explain why."),
     },
     "heldout": {
@@ -74,91 +73,218 @@ INSTRUCTIONS = {
 # for relations, {opts} an option list with the answer among them.
 FRAMES = {
     "colour": {
-        "train": ("What colour is {ref}?", "What is the colour of {ref}?", "Which colour does {ref} have?",
-                  "Name the colour of {ref}.", "What color is {ref}?", "Tell me the colour of {ref}.",
-                  "Can you tell me what colour {ref} is?", "What colour has {ref} got?", "Is {ref} {opts}?",
-                  "In the {img}, what colour is {ref}?", "Which color is {ref}?", "{Ref}: what colour is it?"),
-        "heldout": ("What's the color of {ref} in the {img}?", "Do you know which colour {ref} is?",
-                    "{Ref} is painted in which colour?", "I see {ref}. What colour is it?"),
+        "train": (
+            "What colour is {ref}?",
+            "What is the colour of {ref}?",
+            "Which colour does {ref} have?",
+            "Name the colour of {ref}.",
+            "What color is {ref}?",
+            "Tell me the colour of {ref}.",
+            "Can you tell me what colour {ref} is?",
+            "What colour has {ref} got?",
+            "Is {ref} {opts}?",
+            "In the {img}, what colour is {ref}?",
+            "Which color is {ref}?",
+            "{Ref}: what colour is it?",
+        ),
+        "heldout": (
+            "What's the color of {ref} in the {img}?",
+            "Do you know which colour {ref} is?",
+            "{Ref} is painted in which colour?",
+            "I see {ref}. What colour is it?",
+        ),
     },
     "shape": {
-        "train": ("What shape is {ref}?", "What is the shape of {ref}?", "Which shape does {ref} have?",
-                  "What kind of shape is {ref}?", "What is {ref}?", "Tell me the shape of {ref}.",
-                  "Can you tell me what shape {ref} is?", "Is {ref} {opts}?", "In the {img}, what shape is {ref}?",
-                  "What type of shape is {ref}?", "{Ref}: which shape is it?", "Name the shape of {ref}."),
-        "heldout": ("What form does {ref} take?", "Do you know what shape {ref} has?",
-                    "Identify the shape of {ref}.", "I see {ref}. What shape is it?"),
+        "train": (
+            "What shape is {ref}?",
+            "What is the shape of {ref}?",
+            "Which shape does {ref} have?",
+            "What kind of shape is {ref}?",
+            "What is {ref}?",
+            "Tell me the shape of {ref}.",
+            "Can you tell me what shape {ref} is?",
+            "Is {ref} {opts}?",
+            "In the {img}, what shape is {ref}?",
+            "What type of shape is {ref}?",
+            "{Ref}: which shape is it?",
+            "Name the shape of {ref}.",
+        ),
+        "heldout": (
+            "What form does {ref} take?",
+            "Do you know what shape {ref} has?",
+            "Identify the shape of {ref}.",
+            "I see {ref}. What shape is it?",
+        ),
     },
     "count": {
-        "train": ("How many {np} are there?", "How many {np} are in the {img}?", "Count the {np}.",
-                  "What is the number of {np}?", "How many {np} do you see?", "How many {np} can you see?",
-                  "Can you count the {np} in the {img}?", "How many {np} does the {img} have?",
-                  "Tell me how many {np} there are.", "Count the {np} in the {img}.",
-                  "What's the number of {np} in the {img}?", "How many {np} are shown?"),
-        "heldout": ("Could you count how many {np} there are?", "What is the total number of {np}?",
-                    "How many {np} appear in the {img}?", "Give me the count of {np}."),
+        "train": (
+            "How many {np} are there?",
+            "How many {np} are in the {img}?",
+            "Count the {np}.",
+            "What is the number of {np}?",
+            "How many {np} do you see?",
+            "How many {np} can you see?",
+            "Can you count the {np} in the {img}?",
+            "How many {np} does the {img} have?",
+            "Tell me how many {np} there are.",
+            "Count the {np} in the {img}.",
+            "What's the number of {np} in the {img}?",
+            "How many {np} are shown?",
+        ),
+        "heldout": (
+            "Could you count how many {np} there are?",
+            "What is the total number of {np}?",
+            "How many {np} appear in the {img}?",
+            "Give me the count of {np}.",
+        ),
     },
     "position": {
-        "train": ("Where is {ref}?", "In which part of the {img} is {ref}?", "Where in the {img} is {ref}?",
-                  "Which region contains {ref}?", "Where can I find {ref}?", "Tell me where {ref} is.",
-                  "Where is {ref} located?", "Is {ref} {opts}?", "In what part of the {img} is {ref}?",
-                  "Where's {ref}?", "Where does {ref} sit in the {img}?", "Can you tell me where {ref} is?"),
-        "heldout": ("What is the location of {ref}?", "Point out where {ref} is.",
-                    "Whereabouts is {ref}?", "In which area of the {img} do you see {ref}?"),
+        "train": (
+            "Where is {ref}?",
+            "In which part of the {img} is {ref}?",
+            "Where in the {img} is {ref}?",
+            "Which region contains {ref}?",
+            "Where can I find {ref}?",
+            "Tell me where {ref} is.",
+            "Where is {ref} located?",
+            "Is {ref} {opts}?",
+            "In what part of the {img} is {ref}?",
+            "Where's {ref}?",
+            "Where does {ref} sit in the {img}?",
+            "Can you tell me where {ref} is?",
+        ),
+        "heldout": (
+            "What is the location of {ref}?",
+            "Point out where {ref} is.",
+            "Whereabouts is {ref}?",
+            "In which area of the {img} do you see {ref}?",
+        ),
     },
     "relation": {
-        "train": ("Is {ref} {rel} {ref2}?", "Is it true that {ref} is {rel} {ref2}?",
-                  "Does {ref} appear {rel} {ref2}?", "Is {ref} placed {rel} {ref2}?",
-                  "Would you say {ref} is {rel} {ref2}?", "In the {img}, is {ref} {rel} {ref2}?",
-                  "Can you see {ref} {rel} {ref2}?", "Tell me if {ref} is {rel} {ref2}."),
-        "heldout": ("Is {ref} located {rel} {ref2}?", "Do you find {ref} {rel} {ref2}?",
-                    "Check whether {ref} is {rel} {ref2}."),
+        "train": (
+            "Is {ref} {rel} {ref2}?",
+            "Is it true that {ref} is {rel} {ref2}?",
+            "Does {ref} appear {rel} {ref2}?",
+            "Is {ref} placed {rel} {ref2}?",
+            "Would you say {ref} is {rel} {ref2}?",
+            "In the {img}, is {ref} {rel} {ref2}?",
+            "Can you see {ref} {rel} {ref2}?",
+            "Tell me if {ref} is {rel} {ref2}.",
+        ),
+        "heldout": (
+            "Is {ref} located {rel} {ref2}?",
+            "Do you find {ref} {rel} {ref2}?",
+            "Check whether {ref} is {rel} {ref2}.",
+        ),
     },
     "relation_which": {
-        "train": ("Is {ref} {choice} {ref2}?", "Relative to {ref2}, is {ref} {choice_alone}?",
-                  "Compared with {ref2}, is {ref} {choice_alone}?", "Which side of {ref2} is {ref} on, {choice}?",
-                  "Is {ref} found {choice} {ref2}?", "Looking at {ref2}, is {ref} {choice_alone}?"),
+        "train": (
+            "Is {ref} {choice} {ref2}?",
+            "Relative to {ref2}, is {ref} {choice_alone}?",
+            "Compared with {ref2}, is {ref} {choice_alone}?",
+            "Which side of {ref2} is {ref} on, {choice}?",
+            "Is {ref} found {choice} {ref2}?",
+            "Looking at {ref2}, is {ref} {choice_alone}?",
+        ),
         "heldout": ("With respect to {ref2}, is {ref} {choice_alone}?", "Does {ref} lie {choice} {ref2}?"),
     },
     "pattern": {
-        "train": ("What pattern does {ref} have?", "What is the fill pattern of {ref}?", "How is {ref} filled?",
-                  "Which pattern is on {ref}?", "What texture does {ref} have?", "Is {ref} {opts}?",
-                  "What is the texture of {ref}?", "How is {ref} coloured in?", "Tell me the pattern of {ref}.",
-                  "What fill does {ref} have?", "Can you tell me how {ref} is filled?", "{Ref}: what pattern?"),
-        "heldout": ("What's the surface pattern of {ref}?", "Describe the fill of {ref}.",
-                    "Which texture is on {ref}?", "What kind of pattern covers {ref}?"),
+        "train": (
+            "What pattern does {ref} have?",
+            "What is the fill pattern of {ref}?",
+            "How is {ref} filled?",
+            "Which pattern is on {ref}?",
+            "What texture does {ref} have?",
+            "Is {ref} {opts}?",
+            "What is the texture of {ref}?",
+            "How is {ref} coloured in?",
+            "Tell me the pattern of {ref}.",
+            "What fill does {ref} have?",
+            "Can you tell me how {ref} is filled?",
+            "{Ref}: what pattern?",
+        ),
+        "heldout": (
+            "What's the surface pattern of {ref}?",
+            "Describe the fill of {ref}.",
+            "Which texture is on {ref}?",
+            "What kind of pattern covers {ref}?",
+        ),
     },
     "character": {
-        "train": ("What character is printed on {ref}?", "Which letter or digit is written on {ref}?",
-                  "What is the character on {ref}?", "Read the character printed on {ref}.",
-                  "What does it say on {ref}?", "What is written on {ref}?", "Which character is on {ref}?",
-                  "What letter or number is on {ref}?", "Can you read what is printed on {ref}?",
-                  "Tell me the character on {ref}.", "What's printed on {ref}?", "Read the label on {ref}."),
-        "heldout": ("What symbol can you read on {ref}?", "Which glyph is on {ref}?",
-                    "What is the text on {ref}?", "Can you make out the character on {ref}?"),
+        "train": (
+            "What character is printed on {ref}?",
+            "Which letter or digit is written on {ref}?",
+            "What is the character on {ref}?",
+            "Read the character printed on {ref}.",
+            "What does it say on {ref}?",
+            "What is written on {ref}?",
+            "Which character is on {ref}?",
+            "What letter or number is on {ref}?",
+            "Can you read what is printed on {ref}?",
+            "Tell me the character on {ref}.",
+            "What's printed on {ref}?",
+            "Read the label on {ref}.",
+        ),
+        "heldout": (
+            "What symbol can you read on {ref}?",
+            "Which glyph is on {ref}?",
+            "What is the text on {ref}?",
+            "Can you make out the character on {ref}?",
+        ),
     },
     "existence": {
-        "train": ("Is there {ind} in the {img}?", "Does the {img} contain {ind}?", "Can you see {ind}?",
-                  "Is there {ind}?", "Do you see {ind}?", "Does the {img} show {ind}?",
-                  "Is there {ind} anywhere in the {img}?", "Can you find {ind} in the {img}?",
-                  "Tell me if there is {ind}.", "Does {ind} appear in the {img}?", "Is {ind} present?",
-                  "Any {bare} in the {img}?"),
-        "heldout": ("Would I find {ind} in this {img}?", "Is there {ind} to be seen?",
-                    "Does this {img} include {ind}?", "Can {ind} be spotted here?"),
+        "train": (
+            "Is there {ind} in the {img}?",
+            "Does the {img} contain {ind}?",
+            "Can you see {ind}?",
+            "Is there {ind}?",
+            "Do you see {ind}?",
+            "Does the {img} show {ind}?",
+            "Is there {ind} anywhere in the {img}?",
+            "Can you find {ind} in the {img}?",
+            "Tell me if there is {ind}.",
+            "Does {ind} appear in the {img}?",
+            "Is {ind} present?",
+            "Any {bare} in the {img}?",
+        ),
+        "heldout": (
+            "Would I find {ind} in this {img}?",
+            "Is there {ind} to be seen?",
+            "Does this {img} include {ind}?",
+            "Can {ind} be spotted here?",
+        ),
     },
     "description": {
-        "train": ("Describe the {img}.", "Describe every object in the {img}.", "List all the objects in the {img}.",
-                  "What objects are in this {img}? Describe each one.", "What is in this {img}?",
-                  "What do you see?", "List every {noun} you can see.", "What's in the {img}?",
-                  "Describe all the {noun}s.", "Give me a list of the {noun}s in the {img}.",
-                  "What {noun}s are there?", "Name everything in the {img}."),
-        "heldout": ("What does this {img} show?", "Enumerate the {noun}s in the {img}.",
-                    "What can be seen here?", "Which {noun}s does the {img} contain?"),
+        "train": (
+            "Describe the {img}.",
+            "Describe every object in the {img}.",
+            "List all the objects in the {img}.",
+            "What objects are in this {img}? Describe each one.",
+            "What is in this {img}?",
+            "What do you see?",
+            "List every {noun} you can see.",
+            "What's in the {img}?",
+            "Describe all the {noun}s.",
+            "Give me a list of the {noun}s in the {img}.",
+            "What {noun}s are there?",
+            "Name everything in the {img}.",
+        ),
+        "heldout": (
+            "What does this {img} show?",
+            "Enumerate the {noun}s in the {img}.",
+            "What can be seen here?",
+            "Which {noun}s does the {img} contain?",
+        ),
     },
     "description_prose": {
-        "train": ("Tell me about this {img} in your own words.", "Describe the {img} in your own words.",
-                  "Tell me about this {img}.", "Can you describe this {img} in a few sentences?",
-                  "Write a short paragraph about the {img}.", "Describe the {img} in full sentences."),
+        "train": (
+            "Tell me about this {img} in your own words.",
+            "Describe the {img} in your own words.",
+            "Tell me about this {img}.",
+            "Can you describe this {img} in a few sentences?",
+            "Write a short paragraph about the {img}.",
+            "Describe the {img} in full sentences.",
+        ),
         "heldout": ("Paint me a picture in words of this {img}.", "Talk me through this {img}."),
     },
 }
@@ -183,7 +309,7 @@ class Phrased:
     short: str
     """The bare answer, whatever the form (what a short-answer scorer compares against)."""
     question: QuestionSpec | None
-    """What was asked, as `shapesworld.answer` reads it (None for a thing that is never in a scene)."""
+    """What was asked, as `questions.answer` reads it (None for a thing that is never in a scene)."""
 
 
 def _plural(noun: str) -> str:
@@ -246,10 +372,14 @@ def _answers(scene: Scene, q: QuestionSpec, words: _Words, short: str) -> dict[s
         indefinite = words.indefinite(q.ref)
         match = next((o for o in scene.objects if q.ref.matches(o)), None)
         if match is not None:
-            return {"sentence": f"Yes, there is {indefinite} in the {words.picture}.",
-                    "reason": f"Yes: there is {describe_object(match)}."}
-        return {"sentence": f"No, there is no {words.noun_phrase(q.ref)} in the {words.picture}.",
-                "reason": f"No: none of the {len(scene.objects)} objects in the {words.picture} is {indefinite}."}
+            return {
+                "sentence": f"Yes, there is {indefinite} in the {words.picture}.",
+                "reason": f"Yes: there is {describe_object(match)}.",
+            }
+        return {
+            "sentence": f"No, there is no {words.noun_phrase(q.ref)} in the {words.picture}.",
+            "reason": f"No: none of the {len(scene.objects)} objects in the {words.picture} is {indefinite}.",
+        }
     subject = words.definite(q.ref)
     obj = resolve(scene, q.ref)
     if family == "relation":
@@ -258,10 +388,13 @@ def _answers(scene: Scene, q: QuestionSpec, words: _Words, short: str) -> dict[s
         grounds = f"{subject} is {_place(obj)} and {other_ref} is {_place(other)}"
         if short in ("yes", "no"):
             relation = _RELATION_PHRASE[q.relation]
-            claim = f"{subject} is {relation} {other_ref}" if short == "yes" else \
-                f"{subject} is not {relation} {other_ref}"
-            return {"sentence": f"{_sentence_start(short)}, {claim}.",
-                    "reason": f"{_sentence_start(short)}: {grounds}."}
+            claim = (
+                f"{subject} is {relation} {other_ref}" if short == "yes" else f"{subject} is not {relation} {other_ref}"
+            )
+            return {
+                "sentence": f"{_sentence_start(short)}, {claim}.",
+                "reason": f"{_sentence_start(short)}: {grounds}.",
+            }
         side = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}[short]
         sentence = f"{_sentence_start(subject)} is {side} {other_ref}."
         return {"sentence": sentence, "reason": f"{sentence[:-1]}: {grounds}."}
@@ -279,7 +412,7 @@ def _answers(scene: Scene, q: QuestionSpec, words: _Words, short: str) -> dict[s
 
 def describe_as_prose(scene: Scene, picture: str = "picture") -> str:
     """The description told as sentences, e.g. "The picture shows 2 shapes. There is a large red ...". Each
-    object keeps its canonical words, so `metrics.parse_description` reads prose and lists alike."""
+    object keeps its canonical words, so `evaluation.metrics.parse_description` reads prose and lists alike."""
     n = len(scene.objects)
     head = f"The {picture} shows {n} shape{'s' if n != 1 else ''} on a light background."
     return " ".join([head] + [f"There is {describe_object(o)}." for o in scene.objects])
@@ -302,18 +435,30 @@ def _outside_question(family: str, rng: random.Random, words: _Words, pool: str)
     article = "an" if thing[0] in "aeiou" else "a"
     if family == "count":
         plural = {"person": "people", "man": "men"}.get(thing, thing + ("es" if thing.endswith("h") else "s"))
-        text = rng.choice((f"How many {plural} are there?", f"How many {plural} are in the {words.picture}?",
-                           f"Count the {plural}."))
-        return text, {"short": "0", "sentence": f"There are 0 {plural}: the {words.picture} shows only shapes.",
-                      "reason": f"There are 0 {plural}: the {words.picture} shows only simple coloured shapes."}
-    text = rng.choice((f"Is there {article} {thing} in the {words.picture}?", f"Can you see {article} {thing}?",
-                       f"Does the {words.picture} show {article} {thing}?"))
-    return text, {"short": "no", "sentence": f"No, there is no {thing} in the {words.picture}.",
-                  "reason": f"No: the {words.picture} shows only simple coloured shapes, and no {thing}."}
+        text = rng.choice(
+            (f"How many {plural} are there?", f"How many {plural} are in the {words.picture}?", f"Count the {plural}.")
+        )
+        return text, {
+            "short": "0",
+            "sentence": f"There are 0 {plural}: the {words.picture} shows only shapes.",
+            "reason": f"There are 0 {plural}: the {words.picture} shows only simple coloured shapes.",
+        }
+    text = rng.choice(
+        (
+            f"Is there {article} {thing} in the {words.picture}?",
+            f"Can you see {article} {thing}?",
+            f"Does the {words.picture} show {article} {thing}?",
+        )
+    )
+    return text, {
+        "short": "no",
+        "sentence": f"No, there is no {thing} in the {words.picture}.",
+        "reason": f"No: the {words.picture} shows only simple coloured shapes, and no {thing}.",
+    }
 
 
 def rephrase(scene: Scene, q: QuestionSpec, rng: random.Random, pool: str = "train") -> Phrased:
-    """`q` (from `shapesworld.make_question`) asked in words drawn from `pool`, with its answer in the form
+    """`q` (from `questions.make_question`) asked in words drawn from `pool`, with its answer in the form
     the words ask for."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -344,8 +489,12 @@ def rephrase(scene: Scene, q: QuestionSpec, rng: random.Random, pool: str = "tra
         if q.family == "existence":
             fields |= {"ind": words.indefinite(q.ref), "bare": words.noun_phrase(q.ref, plural=True)}
         if q.family == "relation":
-            fields |= {"ref2": words.definite(q.ref2), "rel": _RELATION_PHRASE.get(q.relation, ""),
-                       "choice": _CHOICE_PHRASE.get(q.relation, ""), "choice_alone": _CHOICE_ALONE.get(q.relation, "")}
+            fields |= {
+                "ref2": words.definite(q.ref2),
+                "rel": _RELATION_PHRASE.get(q.relation, ""),
+                "choice": _CHOICE_PHRASE.get(q.relation, ""),
+                "choice_alone": _CHOICE_ALONE.get(q.relation, ""),
+            }
         if q.family in _OPTIONS:
             fields["opts"] = _options(q.family, short, rng)
         text = _sentence_start(rng.choice(frames).format(**fields))

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .build import load_model
-from .llava_format import load_llava_json, sample_to_messages
+from ..build import load_model
+from ..data.llava_format import load_llava_json, sample_to_messages
 from .metrics import score, to_markdown
 
 
@@ -30,9 +30,14 @@ def predict(
         chunk = [samples[i] for i in order[start : start + batch_size]]
         conversations = [sample_to_messages(sample)[:1] for sample in chunk]
         images = [[sample.image] if sample.image else [] for sample in chunk]
-        inputs = processor.apply_chat_template(conversations, images=images if any(images) else None,
-                                               add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               padding_side="left").to(model.device)
+        inputs = processor.apply_chat_template(
+            conversations,
+            images=images if any(images) else None,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            padding_side="left",
+        ).to(model.device)
         if input_lengths is not None:
             input_lengths += inputs["attention_mask"].sum(-1).tolist()
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -68,8 +68,7 @@ def _parse_record(record: Any, index: int, image_root: str | None) -> Sample:
         expected = "human" if t % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or turn.get("from") != expected:
             got = turn.get("from") if isinstance(turn, dict) else turn
-            raise fail(f"turn {t} should be from {expected!r} (turns alternate, starting with human), "
-                       f"got {got!r}")
+            raise fail(f"turn {t} should be from {expected!r} (turns alternate, starting with human), got {got!r}")
         value = turn.get("value")
         if not isinstance(value, str) or not value.strip():
             raise fail(f"turn {t} has an empty or non-string 'value'")
@@ -151,10 +150,18 @@ def group_by_image(samples: list[Sample], max_turns: int) -> list[Sample]:
     for chunk in image_groups(samples, max_turns):
         turns = list(chunk[0].turns)
         for other in chunk[1:]:
-            turns += [(role, " ".join(text.replace(IMAGE_TOKEN, " ").split()) if role == "user" else text)
-                      for role, text in other.turns]
-        merged.append(Sample(id=chunk[0].id if len(chunk) == 1 else "+".join(str(s.id) for s in chunk),
-                             image=chunk[0].image, turns=turns, meta=dict(chunk[0].meta)))
+            turns += [
+                (role, " ".join(text.replace(IMAGE_TOKEN, " ").split()) if role == "user" else text)
+                for role, text in other.turns
+            ]
+        merged.append(
+            Sample(
+                id=chunk[0].id if len(chunk) == 1 else "+".join(str(s.id) for s in chunk),
+                image=chunk[0].image,
+                turns=turns,
+                meta=dict(chunk[0].meta),
+            )
+        )
     return merged
 
 

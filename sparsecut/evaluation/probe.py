@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .build import load_model
-from .llava_format import load_llava_json, sample_to_messages
-from .shapesworld import SceneObject, glyph_cut_by_grid
+from ..build import load_model
+from ..data.llava_format import load_llava_json, sample_to_messages
+from ..data.shapesworld import SceneObject, glyph_cut_by_grid
+from ..utils import markdown_table
 
 ATTRIBUTES = ("colour", "shape", "size", "pattern", "char", "region")
 # The question families whose answer is an attribute value of the object asked about.
@@ -154,8 +155,16 @@ def probe(
 
 
 @torch.no_grad()
-def question_states(model, processor, data_dir: str | Path, split: str, family: str, n_questions: int,
-                    layers: list[int], batch_size: int = 24) -> dict:
+def question_states(
+    model,
+    processor,
+    data_dir: str | Path,
+    split: str,
+    family: str,
+    n_questions: int,
+    layers: list[int],
+    batch_size: int = 24,
+) -> dict:
     """The LLM's hidden states for the first `n_questions` questions of `family` in `split`: "object" and
     "answer" (n, len(layers), D), at the image token under the centre of an object that the answer is true of
     (the one asked about, or one alike) and at the last prompt position (the one that predicts the answer);
@@ -173,10 +182,14 @@ def question_states(model, processor, data_dir: str | Path, split: str, family: 
     answers = []
     for start in tqdm(range(0, len(samples), batch_size), desc=f"LLM states ({split}, {family})", unit="batch"):
         chunk = samples[start : start + batch_size]
-        inputs = processor.apply_chat_template([sample_to_messages(sample)[:1] for sample in chunk],
-                                               images=[[sample.image] for sample in chunk], tokenize=True,
-                                               add_generation_prompt=True, return_dict=True,
-                                               padding_side="left").to(model.device)
+        inputs = processor.apply_chat_template(
+            [sample_to_messages(sample)[:1] for sample in chunk],
+            images=[[sample.image] for sample in chunk],
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=True,
+            padding_side="left",
+        ).to(model.device)
         output = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         hidden = torch.stack([output.hidden_states[layer] for layer in layers], 1).float().cpu()  # (B, L, T, D)
         for row, sample in enumerate(chunk):
@@ -244,27 +257,28 @@ def llm_probe(
 
 def llm_probe_markdown(results: dict) -> str:
     columns = list(next(iter(results["probes"].values())))
-    lines = ["| LLM layer | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for layer, scores in results["probes"].items():
-        lines.append(f"| {layer} | " + " | ".join(f"{scores[column]:.3f}" for column in columns) + " |")
+    rows = [[layer, *(f"{scores[column]:.3f}" for column in columns)] for layer, scores in results["probes"].items()]
     chance = [results["chance"][column.rsplit(" ", 1)[0]] for column in columns]
-    lines.append("| *chance (majority class)* | " + " | ".join(f"{c:.3f}" for c in chance) + " |")
+    rows.append(["*chance (majority class)*", *(f"{c:.3f}" for c in chance)])
+    lines = [markdown_table(["LLM layer", *columns], rows)]
     counts = ", ".join(f"{family} {n['train']} / {n['test']}" for family, n in results["questions"].items())
-    return ("\n".join(lines) + "\n\nLayer 0: the input embeddings; k: the output of decoder layer k. object: the"
-            " hidden state at the image token under the asked-about object's centre; answer: at the last prompt"
-            f" position, which predicts the answer. Questions to fit / to score: {counts}.\n")
+    return (
+        "\n".join(lines) + "\n\nLayer 0: the input embeddings; k: the output of decoder layer k. object: the"
+        " hidden state at the image token under the asked-about object's centre; answer: at the last prompt"
+        f" position, which predicts the answer. Questions to fit / to score: {counts}.\n"
+    )
 
 
 def to_markdown(results: dict) -> str:
     attributes = list(results["chance"])
-    lines = ["| source | " + " | ".join(attributes) + " |", "|---|" + "---|" * len(attributes)]
-    for source, scores in results["probes"].items():
-        lines.append(f"| {source} | " + " | ".join(f"{scores[a]:.3f}" for a in attributes) + " |")
-    chance = " | ".join(f"{results['chance'][a]:.3f}" for a in attributes)
-    lines.append(f"| *chance (majority class)* | {chance} |")
+    rows = [[source, *(f"{scores[a]:.3f}" for a in attributes)] for source, scores in results["probes"].items()]
+    rows.append(["*chance (majority class)*", *(f"{results['chance'][a]:.3f}" for a in attributes)])
+    lines = [markdown_table(["source", *attributes], rows)]
     counts = results["objects"]
     notes = f"\n\nObjects: {counts['train']} to fit, {counts['test']} to score."
     if "char cut" in results["chance"] or "char whole" in results["chance"]:
-        notes += (" char whole / char cut: the characters whose glyph one high-res crop shows whole / the crop"
-                  " borders cut (same probe, scored apart).")
+        notes += (
+            " char whole / char cut: the characters whose glyph one high-res crop shows whole / the crop"
+            " borders cut (same probe, scored apart)."
+        )
     return "\n".join(lines) + notes + "\n"

@@ -1,6 +1,6 @@
-"""Looking into a SparseCut model's answers: chat sessions, shortcut and fusion visualisations, costs.
+"""The chat engine behind the demo (`app.py`, `demo/ui.py`): chat sessions, error strings, costs.
 
-The library side of the interactive demo (`app.py`, `demo/`). The UI only lays components out and calls:
+The UI only lays components out and calls:
 
 - `ChatEngine`: one loaded model shared by every user. It builds prompts (keeping image tokens whole and
   dropping old turns, shortening the answer, then cutting text to fit the LLM's context), streams answers with
@@ -9,19 +9,14 @@ The library side of the interactive demo (`app.py`, `demo/`). The UI only lays c
   loads the model unquantized and says so (`ChatEngine.notices`).
 - `ChatSession`: one user's conversation. A new image starts a new image context: only turns since the
   latest image are re-sent to the model. Errors become chat messages and never cost the conversation.
-- `render_visuals`: the panels beside an answer, drawn with OpenCV/PIL into fixed-size RGB arrays:
-  `CHART_SIZE` for the shortcut chart, `VIEW_SIZE` x `VIEW_SIZE` for every map. Maps are drawn over the
-  padded square image the model saw (the processor pads to a square with the mean colour first).
 
-Everything the panels show comes from the forward pass that produced the answer (`record_stats` around
-`generate`), so inspecting an answer never runs the model again.
+The panels beside an answer are drawn by `sparsecut.inspection.render_visuals` from the forward pass that
+produced the answer (`record_stats` around `generate`), so inspecting an answer never runs the model again.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
@@ -29,26 +24,19 @@ from dataclasses import dataclass, field, replace
 from threading import Event, Thread
 from typing import Literal
 
-import cv2
-import numpy as np
-import psutil
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .images import InvalidInputError, load_image
-from .modeling import ShortcutStats, SparseCutForConditionalGeneration
-from .processing import SparseCutProcessor
-from .vision import pad_to_square
-from .world_check import WorldCheck
+from sparsecut.data.images import InvalidInputError, load_image
+from sparsecut.evaluation.world_check import WorldCheck
+from sparsecut.inspection import shortcut_label
+from sparsecut.modeling import ShortcutStats, SparseCutForConditionalGeneration
+from sparsecut.processing import SparseCutProcessor
+from sparsecut.utils import PeakMemory, markdown_table, release_memory
+from sparsecut.vision import pad_to_square
 
 logger = logging.getLogger(__name__)
-
-VIEW_SIZE = 384  # every map is VIEW_SIZE x VIEW_SIZE pixels
-CHART_SIZE = (640, 384)  # (width, height) of the shortcut chart
-RATIO_COLORMAP = cv2.COLORMAP_VIRIDIS
-ATTENTION_COLORMAP = cv2.COLORMAP_INFERNO
-OVERLAY_ALPHA = 0.55  # weight of the colour map over the image
 
 TINY = "tiny"  # model name of `sparsecut.testing.tiny_model()`, for development and tests
 MIN_ANSWER_TOKENS = 32  # the answer is shortened down to this many tokens before the question is cut
@@ -120,23 +108,26 @@ class Cost:
     def markdown(self) -> str:
         text_tokens = self.input_tokens - self.image_tokens
         mib = self.peak_memory_bytes / 2**20
-        return "\n".join(
+        tokens = markdown_table(
+            ["LLM input tokens", "text", "total"],
             [
-                "| LLM input tokens | text | total |",
-                "|---|---:|---:|",
-                f"| **this model (SparseCut)** | {text_tokens} | **{self.input_tokens}** |",
-                f"| LLaVA-1.5 style | {text_tokens} | {self.llava_input_tokens} |",
-                f"| high-res tokens appended | {text_tokens} | {self.appended_input_tokens} |",
-                "",
-                "| measured | |",
-                "|---|---|",
-                f"| time to first token | {self.time_to_first_token:.2f} s |",
-                f"| decode speed | {self.tokens_per_second:.1f} tokens/s ({self.new_tokens} new tokens) |",
-                f"| {self.memory_kind} | {mib:,.0f} MiB |",
-                f"| quantization | {self.quantization} |",
-                f"| device | {self.device} |",
-            ]
+                ["**this model (SparseCut)**", text_tokens, f"**{self.input_tokens}**"],
+                ["LLaVA-1.5 style", text_tokens, self.llava_input_tokens],
+                ["high-res tokens appended", text_tokens, self.appended_input_tokens],
+            ],
+            align="lrr",
         )
+        measured = markdown_table(
+            ["measured", ""],
+            [
+                ["time to first token", f"{self.time_to_first_token:.2f} s"],
+                ["decode speed", f"{self.tokens_per_second:.1f} tokens/s ({self.new_tokens} new tokens)"],
+                [self.memory_kind, f"{mib:,.0f} MiB"],
+                ["quantization", self.quantization],
+                ["device", self.device],
+            ],
+        )
+        return tokens + "\n\n" + measured
 
 
 @dataclass
@@ -188,32 +179,6 @@ class _TimedStreamer(TextIteratorStreamer):
             self.last_token_at = now
             self.new_tokens += value.numel()
         super().put(value)
-
-
-class _PeakMemory:
-    """Peak memory during one generation: CUDA's allocator peak, or the process RSS sampled at every update
-    (psutil cannot read a process's peak RSS on Linux)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.kind = "peak CUDA memory allocated"
-        else:
-            self.process = psutil.Process()
-            self.kind = "peak process RSS"
-            self.peak = 0
-            self.sample()
-
-    def sample(self) -> None:
-        if self.device.type != "cuda":
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def result(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        self.sample()
-        return self.peak
 
 
 def default_quantization(device: str) -> str:
@@ -268,12 +233,12 @@ class ChatEngine:
         A quantization that bitsandbytes cannot give here (the package is missing, or it cannot quantize on
         this device) falls back to no quantization with a logged warning and a line in `notices`, instead of
         failing: the demo still runs, at full precision."""
-        from .build import DEFAULT_WEIGHTS, load_model, quantization_unavailable, resolve_device
+        from sparsecut.build import DEFAULT_WEIGHTS, load_model, quantization_unavailable, resolve_device
 
         target = resolve_device(device)
         notices = []
         if model == TINY:
-            from .testing import tiny_model
+            from sparsecut.testing import tiny_model
 
             if quantization not in (None, "none"):
                 notices.append(f"The tiny model is built in memory and runs unquantized (asked: {quantization}).")
@@ -290,8 +255,14 @@ class ChatEngine:
         world_check = None if model == TINY else WorldCheck.for_model(DEFAULT_WEIGHTS if model is None else model)
         for notice in notices:
             logger.warning(notice)
-        return cls(loaded, processor, quantization=quantization, max_new_tokens=max_new_tokens, notices=notices,
-                   world_check=world_check)
+        return cls(
+            loaded,
+            processor,
+            quantization=quantization,
+            max_new_tokens=max_new_tokens,
+            notices=notices,
+            world_check=world_check,
+        )
 
     def outside_world(self, image: Image.Image) -> str | None:
         """The notice for a picture outside the model's training world, or None (also when there is no check)."""
@@ -432,7 +403,7 @@ class ChatEngine:
                 outcome["error"] = error
                 streamer.end()  # unblock the consumer
 
-        memory = _PeakMemory(self.device)
+        memory = PeakMemory(self.device)
         started = time.perf_counter()
         worker = Thread(target=run, name="sparsecut-generate", daemon=True)
         worker.start()
@@ -440,7 +411,6 @@ class ChatEngine:
         try:
             for piece in streamer:
                 text += piece
-                memory.sample()
                 yield Streamed(text)
         finally:
             stop.set()
@@ -458,7 +428,7 @@ class ChatEngine:
             return image
         return pad_to_square(image, tuple(int(round(255 * m)) for m in self.processor.image_mean))
 
-    def _cost(self, prompt: Prompt, streamer: _TimedStreamer, started: float, memory: _PeakMemory) -> Cost:
+    def _cost(self, prompt: Prompt, streamer: _TimedStreamer, started: float, memory: PeakMemory) -> Cost:
         config = self.config
         n_images = 0 if "pixel_values" not in prompt.inputs else int(prompt.inputs["pixel_values"].shape[0])
         image_tokens = n_images * config.num_image_tokens
@@ -474,7 +444,7 @@ class ChatEngine:
             new_tokens=n,
             time_to_first_token=first - started,
             tokens_per_second=speed,
-            peak_memory_bytes=memory.result(),
+            peak_memory_bytes=memory.peak_bytes(),
             memory_kind=memory.kind,
             quantization=self.quantization,
             device=str(self.device),
@@ -519,21 +489,7 @@ def to_messages(exchanges: Sequence[Exchange]) -> list[dict]:
     return messages
 
 
-def shortcut_label(vision_layer: int, llm_layer: int) -> str:
-    return f"vision layer {vision_layer} → LLM layer {llm_layer}"
-
-
 # --- errors -------------------------------------------------------------------------------------------------
-def release_memory() -> None:
-    """Free what a failed request left behind, so the next one starts from a clean slate (after an out-of-memory
-    error above all). An exception handed over from the generation thread sits in a reference cycle with that
-    thread's frames (and their tensors), which only the cycle collector frees; then CUDA's caching allocator
-    returns the freed blocks."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def error_message(error: BaseException) -> str:
     """What the chat shows for an error: a sentence a user can act on, never a stack trace."""
     if isinstance(error, InvalidInputError):
@@ -722,236 +678,3 @@ class ChatSession:
             messages.append({"role": "user", "content": content})
             messages.append({"role": "assistant", "content": turn.reply()})
         return messages
-
-
-# --- visualisation ------------------------------------------------------------------------------------------
-def normalise(values: np.ndarray) -> np.ndarray:
-    """Min-max scale to [0, 1] (NaN -> 0; a constant map -> zeros)."""
-    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0)
-    low, high = float(values.min()), float(values.max())
-    return (values - low) / (high - low) if high > low else np.zeros_like(values)
-
-
-def overlay(
-    image: Image.Image, values: np.ndarray, colormap: int = ATTENTION_COLORMAP, size: int = VIEW_SIZE
-) -> np.ndarray:
-    """A (rows, cols) map drawn over the image: (size, size, 3) uint8 RGB. Each map cell becomes a block
-    (nearest-neighbour upsampling), so the picture shows exactly the model's patch grid."""
-    base = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-    heat = cv2.resize(normalise(values), (size, size), interpolation=cv2.INTER_NEAREST)
-    colours = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), colormap)[..., ::-1]  # BGR -> RGB
-    return np.round(base * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA).astype(np.uint8)
-
-
-def mark_cell(picture: np.ndarray, row: int, col: int, cells: int) -> np.ndarray:
-    """Outline cell (row, col) of a cells x cells grid on a square picture."""
-    size = picture.shape[0]
-    top, left = round(row * size / cells), round(col * size / cells)
-    bottom, right = round((row + 1) * size / cells) - 1, round((col + 1) * size / cells) - 1
-    marked = picture.copy()
-    cv2.rectangle(marked, (left, top), (right, bottom), (255, 255, 255), 2)
-    return marked
-
-
-def high_res_to_grid(values: np.ndarray, side: int, grid: int) -> np.ndarray:
-    """Values over high-res tokens in the fusion's key order (crop-major: h = (cy*grid + cx)*side**2 +
-    row*side + col) -> their places on the whole image's (grid*side, grid*side) grid:
-    (..., grid*grid*side*side) -> (..., grid*side, grid*side)."""
-    values = np.asarray(values)
-    lead = values.shape[:-1]
-    crops = values.reshape(*lead, grid, grid, side, side)  # (..., cy, cx, row, col)
-    return np.moveaxis(crops, -2, -3).reshape(*lead, grid * side, grid * side)  # (..., cy, row, cx, col)
-
-
-def neighbours_to_grid(values: np.ndarray, side: int, grid: int) -> np.ndarray:
-    """concat_mlp neighbour shares (side*side, grid*grid) (low-res patch, neighbour row-major inside the
-    patch's area) -> the whole image's (grid*side, grid*side) grid of high-res tokens."""
-    areas = np.asarray(values).reshape(side, side, grid, grid)  # (py, px, ny, nx)
-    return areas.transpose(0, 2, 1, 3).reshape(side * grid, side * grid)  # (py, ny, px, nx)
-
-
-def patch_at(x: float, y: float, size: int, side: int) -> tuple[int, int]:
-    """The low-res patch (row, col) under pixel (x, y) of a size x size view."""
-    clamp = lambda v: min(side - 1, max(0, int(v * side // size)))  # noqa: E731
-    return clamp(y), clamp(x)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-def _draw_arrow(draw: ImageDraw.ImageDraw, x: float, y: float, length: float, colour) -> None:
-    # Pillow's bundled font has no "→" glyph, and a system font is not guaranteed on every host.
-    draw.line([(x, y), (x + length, y)], fill=colour, width=2)
-    draw.polygon([(x + length + 4, y), (x + length - 3, y - 4), (x + length - 3, y + 4)], fill=colour)
-
-
-def shortcut_means(stats: ShortcutStats, image_index: int = -1) -> list[float]:
-    """Mean ||added|| / ||hidden|| over the image tokens of one image, per shortcut (NaN: layer did not run)."""
-    ratios = stats.ratios[:, image_index].numpy()  # (k, T_img)
-    return [float(np.mean(r)) if np.isfinite(r).any() else math.nan for r in ratios]
-
-
-def shortcut_chart(stats: ShortcutStats, selected: int | None = None, image_index: int = -1) -> np.ndarray:
-    """Horizontal bars of each shortcut's mean ||added|| / ||hidden||, one row per shortcut in LLM-layer order,
-    labelled "vision layer v → LLM layer l": (CHART_SIZE[1], CHART_SIZE[0], 3) uint8 RGB."""
-    width, height = CHART_SIZE
-    picture = Image.new("RGB", CHART_SIZE, "white")
-    draw = ImageDraw.Draw(picture)
-    ink, grey = (30, 30, 30), (150, 150, 150)
-    draw.text((12, 10), "Shortcut contributions: mean |added| / |hidden| at image tokens", fill=ink, font=_font(16))
-    means = shortcut_means(stats, image_index)
-    if not means:
-        draw.text((12, height // 2), "This model has no shortcuts.", fill=ink, font=_font(15))
-        return np.asarray(picture)
-    top, bottom, bar_left, bar_right = 44, height - 34, 250, width - 70
-    row_height = min(36.0, (bottom - top) / len(means))
-    finite = [m for m in means if math.isfinite(m)]
-    scale = max(finite) if finite and max(finite) > 0 else 1.0
-    font = _font(max(10, min(14, int(row_height * 0.5))))
-    order = sorted(range(len(means)), key=lambda k: (stats.llm_layers[k], k))
-    for row, k in enumerate(order):
-        y = top + row * row_height
-        middle = y + row_height / 2
-        first, second = f"vision layer {stats.vision_layers[k]}", f"LLM layer {stats.llm_layers[k]}"
-        draw.text((12, middle), first, fill=ink, font=font, anchor="lm")
-        arrow_x = 12 + draw.textlength(first, font=font) + 6
-        _draw_arrow(draw, arrow_x, middle, 14, ink)
-        draw.text((arrow_x + 24, middle), second, fill=ink, font=font, anchor="lm")
-        value = means[k]
-        if not math.isfinite(value):
-            draw.text((bar_left, middle), "n/a", fill=grey, font=font, anchor="lm")
-            continue
-        right = bar_left + (bar_right - bar_left) * value / scale
-        colour = (230, 120, 30) if k == selected else (60, 110, 180)
-        draw.rectangle([bar_left, y + row_height * 0.18, max(right, bar_left + 1), y + row_height * 0.82], fill=colour)
-        draw.text((right + 6, middle), f"{value:.3f}", fill=ink, font=font, anchor="lm")
-    draw.line([(bar_left, bottom + 4), (bar_right, bottom + 4)], fill=grey, width=1)
-    for fraction in (0.0, 0.5, 1.0):
-        x = bar_left + (bar_right - bar_left) * fraction
-        draw.line([(x, bottom + 2), (x, bottom + 8)], fill=grey, width=1)
-        draw.text((x, bottom + 10), f"{scale * fraction:.3g}", fill=grey, font=_font(11), anchor="mt")
-    draw.text((12, bottom + 10), "top: earliest LLM layer", fill=grey, font=_font(11), anchor="lt")
-    return np.asarray(picture)
-
-
-def text_picture(message: str, size: tuple[int, int] = (VIEW_SIZE, VIEW_SIZE)) -> np.ndarray:
-    """A plain picture with a short message, for panels that have nothing to show."""
-    picture = Image.new("RGB", size, (245, 245, 245))
-    ImageDraw.Draw(picture).multiline_text(
-        (size[0] / 2, size[1] / 2), message, fill=(90, 90, 90), font=_font(15), anchor="mm", align="center"
-    )
-    return np.asarray(picture)
-
-
-@dataclass
-class Visuals:
-    """The panels beside an answer. Maps are (VIEW_SIZE, VIEW_SIZE, 3) uint8, the chart CHART_SIZE."""
-
-    chart: np.ndarray | None = None
-    shortcut_map: np.ndarray | None = None
-    fusion_maps: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (vision layer, map), fused layers
-    fusion_map: np.ndarray | None = None  # the selected layer's map
-    query_map: np.ndarray | None = None
-    shortcut_note: str = ""  # markdown explaining the shortcut map
-    fusion_note: str = ""  # markdown explaining the fusion maps
-    summary: dict = field(default_factory=dict)  # the numbers behind the pictures, JSON-able
-
-
-def fusion_kind(stats: ShortcutStats) -> str:
-    if stats.fusion_attention is not None:
-        return "cross_attention"
-    return "concat_mlp" if stats.fusion_contribution is not None else "none"
-
-
-def render_visuals(
-    answer: Answer | None, shortcut: int = 0, vision_layer: int | None = None, row: int = 0, col: int = 0
-) -> Visuals:
-    """Everything the demo shows about `answer`, for the chosen shortcut, fused vision layer (None: the last
-    fused layer) and low-res query patch (row, col)."""
-    if answer is None or answer.stats is None or answer.view is None:
-        nothing = "The latest answer had no image, so there is nothing to show."
-        return Visuals(shortcut_note=nothing, fusion_note=nothing)
-    stats, view = answer.stats, answer.view
-    side, grid = stats.patches_per_side, stats.high_res_grid
-    k = len(stats.vision_layers)
-    shortcut = min(max(shortcut, 0), max(k - 1, 0))
-    row, col = min(max(row, 0), side - 1), min(max(col, 0), side - 1)
-    if vision_layer not in stats.fused_layers:
-        vision_layer = stats.fused_layers[-1]
-    slot = stats.fused_layers.index(vision_layer)
-    means = shortcut_means(stats)
-    visuals = Visuals(chart=shortcut_chart(stats, selected=shortcut))
-    visuals.summary = {
-        "shortcuts": [
-            {"index": i, "vision_layer": v, "llm_layer": layer, "mean_ratio": None if math.isnan(m) else m}
-            for i, (v, layer, m) in enumerate(zip(stats.vision_layers, stats.llm_layers, means))
-        ],
-        "selected_shortcut": shortcut,
-        "fusion": fusion_kind(stats),
-        "fused_layers": stats.fused_layers,
-        "vision_layer": vision_layer,
-        "patch": [row, col],
-        "patches_per_side": side,
-        "high_res_grid": grid,
-        "cost": answer.cost.as_dict(),
-        "view_size": VIEW_SIZE,
-        "chart_size": list(CHART_SIZE),
-    }
-    if k:
-        # Only the low-res view's tokens enter the LLM (except in the appended-tokens baseline, whose
-        # low-res tokens come first), and they sit on the side x side patch grid.
-        ratios = stats.ratios[shortcut, -1, : side * side].numpy().reshape(side, side)
-        visuals.shortcut_map = overlay(view, ratios, RATIO_COLORMAP)
-        visuals.shortcut_note = (
-            f"**{shortcut_label(stats.vision_layers[shortcut], stats.llm_layers[shortcut])}**: |added| / |hidden| "
-            f"per image patch, from {np.nanmin(ratios):.3f} (dark) to {np.nanmax(ratios):.3f} (bright)."
-        )
-    else:
-        visuals.shortcut_note = "This model has no shortcuts."
-    kind = fusion_kind(stats)
-    if kind == "cross_attention":
-        _attention_visuals(visuals, stats, view, slot, row, col)
-    elif kind == "concat_mlp":
-        _contribution_visuals(visuals, stats, view, slot, row, col)
-    else:
-        visuals.fusion_note = (
-            "This model has no multi-grained fusion (fusion='none'): the LLM sees low-res tokens only."
-        )
-    return visuals
-
-
-def _attention_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Image, slot: int, row: int, col: int):
-    side, grid, cells = stats.patches_per_side, stats.high_res_grid, stats.patches_per_side * stats.high_res_grid
-    attention = stats.fusion_attention[:, -1].numpy()  # (L, P, G*P)
-    received = high_res_to_grid(attention.sum(axis=1), side, grid)  # (L, cells, cells): mass each key receives
-    visuals.fusion_maps = [(v, overlay(view, received[j])) for j, v in enumerate(stats.fused_layers)]
-    visuals.fusion_map = visuals.fusion_maps[slot][1]
-    query = high_res_to_grid(attention[slot, row * side + col], side, grid)  # (cells, cells)
-    visuals.query_map = mark_cell(overlay(view, query), row, col, side)
-    own_area = float(query[row * grid : (row + 1) * grid, col * grid : (col + 1) * grid].sum())
-    peak = np.unravel_index(int(np.argmax(query)), query.shape)
-    visuals.fusion_note = (
-        f"**Vision layer {stats.fused_layers[slot]}**: attention each high-res token receives from all low-res "
-        f"queries ({cells}x{cells} high-res grid). Low-res patch ({row}, {col}) (outlined) puts "
-        f"{own_area:.0%} of its attention on its own area; its peak is high-res token {tuple(map(int, peak))} "
-        f"({query.max():.3f})."
-    )
-    visuals.summary["query_attention_own_area"] = own_area
-
-
-def _contribution_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Image, slot: int, row: int, col: int):
-    side, grid = stats.patches_per_side, stats.high_res_grid
-    shares = stats.fusion_contribution[:, -1].numpy()  # (L, P, 1 + G)
-    maps = [neighbours_to_grid(shares[j, :, 1:], side, grid) for j in range(len(stats.fused_layers))]
-    visuals.fusion_maps = [(v, overlay(view, maps[j])) for j, v in enumerate(stats.fused_layers)]
-    visuals.fusion_map = visuals.fusion_maps[slot][1]
-    visuals.query_map = mark_cell(visuals.fusion_map, row, col, side)
-    patch = shares[slot, row * side + col]
-    neighbours = ", ".join(f"{s:.0%}" for s in patch[1:])
-    visuals.fusion_note = (
-        f"**Vision layer {stats.fused_layers[slot]}** (concat-MLP fusion): share of each high-res token in its "
-        f"low-res patch's fused token. Patch ({row}, {col}): low-res token {patch[0]:.0%}, high-res "
-        f"neighbours {neighbours} (row-major)."
-    )
-    visuals.summary["patch_shares"] = [float(s) for s in patch]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .vision import encode_layers
+from ..vision import encode_layers
 
 FILE_NAME = "world_check.safetensors"
 
@@ -63,8 +63,10 @@ class WorldCheck:
 
     def notice(self) -> str:
         """What to tell a user about a picture outside the world."""
-        return (f"This model was trained only on {self.world}, and this picture does not look like one, "
-                "so its answers about it would be guesses.")
+        return (
+            f"This model was trained only on {self.world}, and this picture does not look like one, "
+            "so its answers about it would be guesses."
+        )
 
     @classmethod
     def fit(
@@ -116,8 +118,13 @@ class WorldCheck:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
-        return cls(tensors["mean"], tensors["precision"], float(json.loads(metadata["threshold"])),
-                   int(metadata["layer"]), metadata.get("world", cls.world))
+        return cls(
+            tensors["mean"],
+            tensors["precision"],
+            float(json.loads(metadata["threshold"])),
+            int(metadata["layer"]),
+            metadata.get("world", cls.world),
+        )
 
     @classmethod
     def for_model(cls, checkpoint: str | Path) -> WorldCheck | None:
@@ -127,8 +134,18 @@ class WorldCheck:
 
 
 # Real photos bundled with scikit-image and scikit-learn (dev dependencies): never used to fit or calibrate.
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "cat",
-                  "immunohistochemistry", "retina")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "cat",
+    "immunohistochemistry",
+    "retina",
+)
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
 
@@ -144,8 +161,9 @@ def real_photos() -> dict[str, np.ndarray]:
         image = getattr(skimage.data, name)()
         photos[name] = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
     samples = load_sample_images()
-    photos |= {name: image for name, image in zip(samples.filenames, samples.images) if Path(name).name in
-               SKLEARN_PHOTOS}
+    photos |= {
+        name: image for name, image in zip(samples.filenames, samples.images) if Path(name).name in SKLEARN_PHOTOS
+    }
     return {Path(name).stem: image for name, image in photos.items()}
 
 
@@ -159,7 +177,7 @@ def fit_for_checkpoint(
 ) -> Path:
     """Command-line entry point: fit a check for a checkpoint (None: the default model) on the images matching
     the glob `images`, calibrate it on `calibration_images`, save it beside the checkpoint (or to `out`)."""
-    from .build import DEFAULT_WEIGHTS, load_model
+    from ..build import DEFAULT_WEIGHTS, load_model
 
     loaded, processor = load_model(model, device="cpu")
     fitted, calibration = sorted(glob.glob(images)), sorted(glob.glob(calibration_images))
@@ -174,7 +192,7 @@ def fit_for_checkpoint(
 def report(model: str | None, in_world_images: str) -> dict:
     """Command-line entry point: the share of in-world images (a glob; a split never used to fit or calibrate)
     that the checkpoint's check flags, and the distance and verdict for each bundled real photo."""
-    from .build import DEFAULT_WEIGHTS, load_model
+    from ..build import DEFAULT_WEIGHTS, load_model
 
     loaded, processor = load_model(model, device="cpu")
     check = WorldCheck.for_model(model or DEFAULT_WEIGHTS)
@@ -186,6 +204,7 @@ def report(model: str | None, in_world_images: str) -> dict:
     return {
         "threshold": check.threshold,
         "in_world": {"n": len(in_world), "flagged": int((in_world > check.threshold).sum())},
-        "photos": {name: {"distance": float(d), "flagged": bool(d > check.threshold)}
-                   for name, d in zip(photos, distances)},
+        "photos": {
+            name: {"distance": float(d), "flagged": bool(d > check.threshold)} for name, d in zip(photos, distances)
+        },
     }

@@ -170,8 +170,7 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
     except UnidentifiedImageError:
         raise InvalidInputError(
-            f"The file is not an image in a supported format (got {_describe_bytes(data)}); "
-            f"please upload {_SUPPORTED}."
+            f"The file is not an image in a supported format (got {_describe_bytes(data)}); please upload {_SUPPORTED}."
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInputError(_bomb_message(exc, max_pixels)) from exc
@@ -187,9 +186,7 @@ def _reject_known_unsupported(data: bytes) -> None:
     head = data[:4096].removeprefix(b"\xef\xbb\xbf").lstrip().lower()
     # SVG is XML text: it may start with the <svg> element itself or with an XML declaration,
     # doctype or comment before it.
-    if head.startswith(b"<svg") or (
-        head.startswith((b"<?xml", b"<!doctype", b"<!--")) and b"<svg" in head
-    ):
+    if head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!doctype", b"<!--")) and b"<svg" in head):
         raise InvalidInputError(f"SVG images are not supported; please upload {_SUPPORTED}.")
     if data.startswith(b"%PDF-"):
         raise InvalidInputError(f"PDF documents are not supported; please upload {_SUPPORTED}.")
@@ -201,9 +198,7 @@ def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
     if array.dtype != np.uint8:
         raise InvalidInputError(f"Image arrays must have dtype uint8, got {array.dtype}.")
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise InvalidInputError(
-            f"Image arrays must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}."
-        )
+        raise InvalidInputError(f"Image arrays must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
     height, width = array.shape[:2]
     _check_size(width, height, max_pixels)
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
@@ -223,9 +218,7 @@ def _to_loaded_rgb(image: Image.Image, max_pixels: int) -> Image.Image:
         raise InvalidInputError(_bomb_message(exc, max_pixels)) from exc
     # Truncated or corrupt data surfaces as OSError, SyntaxError, struct.error, EOFError and more.
     except Exception as exc:
-        raise InvalidInputError(
-            f"The image data is truncated or corrupt and cannot be decoded ({exc})."
-        ) from exc
+        raise InvalidInputError(f"The image data is truncated or corrupt and cannot be decoded ({exc}).") from exc
     upright = _apply_orientation(image)
     try:
         return _to_rgb(upright)
@@ -250,8 +243,7 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise InvalidInputError(f"The image has no pixels ({width}×{height}).")
     if pixels > max_pixels:
         raise InvalidInputError(
-            f"The image is {width}×{height} = {_format_pixels(pixels)}; "
-            f"the limit is {_format_pixels(max_pixels)}."
+            f"The image is {width}×{height} = {_format_pixels(pixels)}; the limit is {_format_pixels(max_pixels)}."
         )
 
 

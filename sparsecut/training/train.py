@@ -40,15 +40,15 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
-from .adapters import LORA_DEFAULTS, inject_lora, save_without_base
-from .build import build, is_checkpoint, load_model
-from .charts import line_chart
-from .data import Collator, ConversationDataset
-from .llava_format import group_by_image, image_groups, load_llava_json
-from .modeling import SparseCutForConditionalGeneration
+from ..adapters import LORA_DEFAULTS, inject_lora, save_without_base
+from ..build import build, is_checkpoint, load_model
+from ..data.collate import Collator, ConversationDataset
+from ..data.llava_format import group_by_image, image_groups, load_llava_json
+from ..data.shapesworld import generate_dataset
+from ..inspection.charts import line_chart
+from ..modeling import SparseCutForConditionalGeneration
+from ..tokenization import byte_tokenizer
 from .pretrain_vision import VisionPretrainConfig, pretrain_vision
-from .shapesworld import generate_dataset
-from .testing import byte_tokenizer
 
 TRAINABLE_PARTS = ("fusion", "gates", "lora", "llm", "vision")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -131,8 +131,9 @@ class StageConfig:
         if negative:
             raise ValueError(f"Stage {self.name!r}: family weights must be >= 0, got {negative}.")
         if not 0 <= self.average_with_start <= 1:
-            raise ValueError(f"Stage {self.name!r}: average_with_start is a share in [0, 1], "
-                             f"got {self.average_with_start}.")
+            raise ValueError(
+                f"Stage {self.name!r}: average_with_start is a share in [0, 1], got {self.average_with_start}."
+            )
 
 
 @dataclass
@@ -521,8 +522,10 @@ def average_with(model, start: dict[str, torch.Tensor], weight: float) -> None:
     for name, value in start.items():
         param = params[name]
         if param.shape != value.shape:
-            raise ValueError(f"average_with_start: {name} is {tuple(param.shape)} now but was {tuple(value.shape)} "
-                             "at the stage's start (a sharded model); use it without FSDP.")
+            raise ValueError(
+                f"average_with_start: {name} is {tuple(param.shape)} now but was {tuple(value.shape)} "
+                "at the stage's start (a sharded model); use it without FSDP."
+            )
         param.lerp_(value.to(param.device, param.dtype), weight)
 
 

@@ -22,8 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, SiglipVisionConfig, get_cosine_schedule_with_warmup
 
-from .shapesworld import CHARS, COLOURS, PATTERNS, SHAPES, SIZE_RADIUS, SIZES, render, sample_scene
-from .vision import HALF, make_views
+from ..data.shapesworld import CHARS, COLOURS, PATTERNS, SHAPES, SIZE_RADIUS, SIZES, render, sample_scene
+from ..vision import HALF, make_views
 
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "pattern": PATTERNS, "char": ("none", *CHARS)}
 
@@ -129,9 +129,12 @@ class SceneBatches(torch.utils.data.IterableDataset):
         rng = random.Random(f"pretrain-{self.seed}" if worker is None else f"pretrain-{self.seed}-{worker.id}")
         while True:
             pixel_values, occupied, picks = make_batch(rng, *self.args)
-            yield pixel_values, occupied, torch.tensor([[row, patch, int(crop)] for row, patch, _, crop in picks]), {
-                name: torch.tensor([labels[name] for _, _, labels, _ in picks]) for name in ATTRIBUTES
-            }
+            yield (
+                pixel_values,
+                occupied,
+                torch.tensor([[row, patch, int(crop)] for row, patch, _, crop in picks]),
+                {name: torch.tensor([labels[name] for _, _, labels, _ in picks]) for name in ATTRIBUTES},
+            )
 
 
 def pretrain_vision(config: VisionPretrainConfig, out_dir: str | Path) -> Path:
@@ -151,8 +154,10 @@ def pretrain_vision(config: VisionPretrainConfig, out_dir: str | Path) -> Path:
     encoder.to(device)
     heads.to(device)
     batches = torch.utils.data.DataLoader(
-        SceneBatches(config.seed, config.batch_size, size, grid, side), batch_size=None,
-        num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,
+        SceneBatches(config.seed, config.batch_size, size, grid, side),
+        batch_size=None,
+        num_workers=config.num_workers,
+        prefetch_factor=4 if config.num_workers else None,
     )
     progress = tqdm(zip(range(config.steps), batches), total=config.steps, desc="stage 0: vision encoder")
     log, started = [], time.perf_counter()

@@ -12,10 +12,37 @@ import re
 from collections import Counter, defaultdict
 from typing import NamedTuple
 
+from ..utils import markdown_table
+
 _ARTICLES = {"a", "an", "the"}
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate([
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"])}
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        ]
+    )
+}
 
 
 def normalize_answer(text: str) -> str:
@@ -36,7 +63,7 @@ def exact_match(pred: str, gold: str) -> bool:
 
 
 def parse_yes_no(text: str) -> str | None:
-    """"yes" or "no" if the normalised answer starts with it (so "Yes, there is." counts), else None."""
+    """ "yes" or "no" if the normalised answer starts with it (so "Yes, there is." counts), else None."""
     words = normalize_answer(text).split()
     return words[0] if words and words[0] in ("yes", "no") else None
 
@@ -58,7 +85,7 @@ def _words(text: str) -> list[str]:
 
 
 def states_answer(pred: str, short: str, form: str) -> bool:
-    """Whether an answer in `form` (`sparsecut.phrasing.FORMS`) is right and in that form.
+    """Whether an answer in `form` (`sparsecut.data.shapesworld.phrasing.FORMS`) is right and in that form.
 
     short: `is_correct` (one word or number; "Yes, there is." counts for yes). sentence and reason: a sentence
     of at least three words, ending in a full stop, that starts with yes/no for a yes/no question, and else
@@ -101,9 +128,14 @@ def yes_no_metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
     fp = sum(p == "yes" and g == "no" for p, g in zip(parsed, gold))
     fn = sum(p != "yes" and g == "yes" for p, g in zip(parsed, gold))
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return {"n": len(gold), "accuracy": _ratio(sum(p == g for p, g in zip(parsed, gold)), len(gold)),
-            "precision": precision, "recall": recall, "f1": _f1(precision, recall),
-            "yes_ratio": _ratio(sum(p == "yes" for p in parsed), len(parsed))}
+    return {
+        "n": len(gold),
+        "accuracy": _ratio(sum(p == g for p, g in zip(parsed, gold)), len(gold)),
+        "precision": precision,
+        "recall": recall,
+        "f1": _f1(precision, recall),
+        "yes_ratio": _ratio(sum(p == "yes" for p in parsed), len(parsed)),
+    }
 
 
 class DescribedObject(NamedTuple):
@@ -121,15 +153,17 @@ class DescribedObject(NamedTuple):
         return self.size, self.colour, self.shape, self.region
 
 
-_OBJECT = re.compile(r"an? (\w+) (\w+) (\w+) (\w+)"  # size, colour, pattern, shape
-                     r"(?: with the (?:letter|digit|character) (\w))?"
-                     r" at the (\w+(?: \w+)?)")  # region: one or two words
+_OBJECT = re.compile(
+    r"an? (\w+) (\w+) (\w+) (\w+)"  # size, colour, pattern, shape
+    r"(?: with the (?:letter|digit|character) (\w))?"
+    r" at the (\w+(?: \w+)?)"
+)  # region: one or two words
 
 
 def parse_description(text: str) -> list[DescribedObject | None]:
     """Parse a canonical description, one entry per "; "-separated part, None for a part that does not
     parse. Case, extra whitespace and a final period are tolerated. Prose (sentences, no "; ") gives every
-    object described in it in the canonical words (`sparsecut.phrasing.describe_as_prose`)."""
+    object described in it in the canonical words (`sparsecut.data.shapesworld.phrasing.describe_as_prose`)."""
     text = " ".join(text.lower().split()).rstrip(". ")
     if ";" not in text and ". " in text:  # prose ("The picture shows 2 shapes. There is a ..."): every object found
         return [DescribedObject(*m.groups()) for m in _OBJECT.finditer(text)]
@@ -160,8 +194,7 @@ def description_metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
     metrics: dict[str, float] = {"n": len(golds), "exact": _ratio(totals["exact"], len(golds))}
     for prefix, hits in (("", totals["hits"]), ("coarse_", totals["coarse_hits"])):
         precision, recall = _ratio(hits, totals["predicted"]), _ratio(hits, totals["gold"])
-        metrics |= {f"{prefix}precision": precision, f"{prefix}recall": recall,
-                    f"{prefix}f1": _f1(precision, recall)}
+        metrics |= {f"{prefix}precision": precision, f"{prefix}recall": recall, f"{prefix}f1": _f1(precision, recall)}
     return metrics
 
 
@@ -171,8 +204,8 @@ def score(records: list[dict]) -> dict:
     Each record has "family", "prediction" and "answer". Every short-answer family gets "n" and "accuracy";
     one with yes/no questions also gets `yes_no_metrics` over those questions ("precision", "recall", "f1",
     "yes_ratio"). The "description" family gets `description_metrics`. Records that ask for a sentence, a
-    reason or prose (a "form", with the bare answer in "short": `sparsecut.phrasing`) are scored apart, per
-    form, by `states_answer`; prose descriptions also count as descriptions.
+    reason or prose (a "form", with the bare answer in "short": `sparsecut.data.shapesworld.phrasing`) are
+    scored apart, per form, by `states_answer`; prose descriptions also count as descriptions.
     """
     formed = [r for r in records if r.get("form") in ("sentence", "reason", "prose")]
     records = [r for r in records if r.get("form") not in ("sentence", "reason")]  # prose: also a description
@@ -206,8 +239,15 @@ def score(records: list[dict]) -> dict:
 
 def to_markdown(scores: dict) -> str:
     """Render `score` output as a markdown table (for descriptions, accuracy is "exact")."""
-    columns = [("n", "n"), ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
-               ("f1", "F1"), ("yes_ratio", "yes ratio"), ("coarse_f1", "coarse F1")]
+    columns = [
+        ("n", "n"),
+        ("accuracy", "accuracy"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("f1", "F1"),
+        ("yes_ratio", "yes ratio"),
+        ("coarse_f1", "coarse F1"),
+    ]
 
     def cell(metrics: dict[str, float], key: str) -> str:
         if key == "accuracy" and "exact" in metrics:
@@ -216,13 +256,12 @@ def to_markdown(scores: dict) -> str:
             return "–"
         return str(metrics[key]) if key == "n" else f"{metrics[key]:.3f}"
 
-    lines = ["| family | " + " | ".join(title for _, title in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
     rows = list(scores["families"].items())
     if scores["overall"]["n"]:  # no overall row when only descriptions were scored
         rows.append(("**overall**", scores["overall"]))
-    lines += [f"| {name} | " + " | ".join(cell(m, key) for key, _ in columns) + " |" for name, m in rows]
+    header = ["family", *(title for _, title in columns)]
+    table = markdown_table(header, [[name, *(cell(m, key) for key, _ in columns)] for name, m in rows])
     if scores.get("forms"):
-        lines += ["", "| answer asked for | n | in that form and right |", "|---|---|---|"]
-        lines += [f"| {form} | {m['n']} | {m['accuracy']:.3f} |" for form, m in scores["forms"].items()]
-    return "\n".join(lines)
+        forms = [[form, m["n"], f"{m['accuracy']:.3f}"] for form, m in scores["forms"].items()]
+        table += "\n\n" + markdown_table(["answer asked for", "n", "in that form and right"], forms)
+    return table

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from ..processing import SparseCutProcessor
 from .llava_format import Sample, sample_to_messages
-from .processing import SparseCutProcessor
 
 IGNORE_INDEX = -100
 

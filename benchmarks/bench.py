@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import gc
 import json
 import logging
 import os
@@ -67,13 +65,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .build import DEFAULT_WEIGHTS, build, is_checkpoint, load_model
-from .configuration import SparseCutConfig
-from .fusion import Projector
-from .modeling import SparseCutForConditionalGeneration
-from .pretrain_vision import DEFAULT_ENCODER
-from .processing import SparseCutProcessor
-from .testing import byte_tokenizer, tiny_text_config, tiny_vision_config
+from sparsecut.build import DEFAULT_WEIGHTS, build, is_checkpoint, load_model
+from sparsecut.configuration import SparseCutConfig
+from sparsecut.fusion import Projector
+from sparsecut.modeling import SparseCutForConditionalGeneration
+from sparsecut.processing import SparseCutProcessor
+from sparsecut.testing import tiny_text_config, tiny_vision_config
+from sparsecut.tokenization import byte_tokenizer
+from sparsecut.training.pretrain_vision import DEFAULT_ENCODER
+from sparsecut.utils import PeakMemory, markdown_table, release_memory
 
 # --- what is measured ---------------------------------------------------------------------------------------
 VARIANTS = ("sparsecut", "sparsecut+stats", "llava", "appended")
@@ -83,8 +83,13 @@ IMAGE_SIZE = (640, 480)  # a photo-sized input, so preprocessing does a real res
 
 # Without a checkpoint (no weights/ and no --model), the default model's shape (configs/default.yaml) with random
 # encoder and fusion weights and the real SmolLM2-135M-Instruct.
-DEFAULT_VISION = {**DEFAULT_ENCODER, "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6,
-                  "num_attention_heads": 6}
+DEFAULT_VISION = {
+    **DEFAULT_ENCODER,
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+}
 DEFAULT_SPARSECUT = dict(fusion="concat_mlp", high_res_grid=2, schedule="uniform:4", fusion_num_heads=4)
 # CLIP ViT-L/14-336 + Llama-2-7B shapes (LLaVA-1.5-7B), random weights built from configs: nothing downloaded.
 SEVEN_B_VISION = dict(
@@ -305,33 +310,6 @@ class StageTimer:
         return hook
 
 
-class PeakMemory:
-    """Peak memory of one run in MiB: CUDA max_memory_allocated, or the process RSS high-water mark (Linux
-    VmHWM, reset through /proc/self/clear_refs); elsewhere the RSS after the run, a lower bound."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS to the current RSS
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        with contextlib.suppress(OSError, AttributeError):
-            status = Path("/proc/self/status").read_text()
-            return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-        return psutil.Process().memory_info().rss / 2**20
-
-
 # --- variants -----------------------------------------------------------------------------------------------
 @dataclass
 class Variant:
@@ -517,16 +495,6 @@ def save_for_quantized_loading(model, processor, directory: str) -> str:
     return directory
 
 
-def collect() -> None:
-    """Give a dropped model's memory back before the next one loads, so later groups' peaks do not include it:
-    CUDA's cached blocks, and on Linux the free heap that glibc would otherwise keep in the process RSS."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 # --- one measurement ----------------------------------------------------------------------------------------
 def request(seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
@@ -539,7 +507,7 @@ def generation_config(model: SparseCutForConditionalGeneration, settings: Settin
 
     With `settings.compile`, a static KV cache lets `generate` run its decode steps through torch.compile
     ("reduce-overhead": CUDA graphs); the prefill stays eager. `bench` offers it on CUDA only; elsewhere
-    transformers compiles only when forced, which `benchmarks/compile_ab.py` does to check the path on the CPU.
+    transformers compiles only when forced (benchmarks/results/changes.md measured the path so on the CPU).
     """
     source = model.generation_config
     config = GenerationConfig(
@@ -581,7 +549,7 @@ def measure(variant: Variant, messages: list[dict], settings: Settings, device: 
                 logits_processor=LogitsProcessorList([first_token]),
             )
         end, cpu_end = clock(), time.process_time()
-        peak = memory.peak_mb()
+        peak = memory.peak_bytes() / 2**20
     prompt = inputs["input_ids"].shape[1]
     generated = output.shape[1] - prompt
     if generated != settings.new_tokens:
@@ -865,40 +833,34 @@ def markdown(report: Report) -> str:
         f"{report.created}, {report.duration_s:.0f} s",
     ]
     cpu_time = any(r.ttft_cpu_ms is not None for r in report.results)
-    header = (
-        "| shape | precision | variant | LLM input tokens (image) | preprocess ms | vision ms | fusion ms | prefill ms "
-        "| TTFT ms | decode tok/s | weights MiB | peak MiB |"
-    )
+    header = ["shape", "precision", "variant", "LLM input tokens (image)", "preprocess ms", "vision ms", "fusion ms"]
+    header += ["prefill ms", "TTFT ms", "decode tok/s", "weights MiB", "peak MiB"]
     if cpu_time:
-        header += " TTFT CPU-time ms | decode tok/s by CPU time |"
-    lines += ["", header, "|---" * header.count(" | ") + "|---|"]
+        header += ["TTFT CPU-time ms", "decode tok/s by CPU time"]
+    rows = []
     for r in report.results:
         decode = fmt(r.decode_tokens_per_s)
         if r.bandwidth_fraction is not None:
             decode += f" ({100 * r.bandwidth_fraction:.0f}% of bound)"
-        row = (
-            f"| {r.shape} | {r.precision} | {r.variant} | {r.llm_input_tokens} ({r.image_tokens}) "
-            f"| {fmt(r.preprocess_ms)} | {fmt(r.vision_ms)} | {fmt(r.fusion_ms)} | {fmt(r.prefill_ms)} "
-            f"| {fmt(r.ttft_ms)} | {decode} | {r.weights_mb:.0f} | {r.peak_memory_mb.median:.0f} |"
-        )
+        row = [r.shape, r.precision, r.variant, f"{r.llm_input_tokens} ({r.image_tokens})", fmt(r.preprocess_ms)]
+        row += [fmt(r.vision_ms), fmt(r.fusion_ms), fmt(r.prefill_ms), fmt(r.ttft_ms), decode]
+        row += [f"{r.weights_mb:.0f}", f"{r.peak_memory_mb.median:.0f}"]
         if cpu_time:
-            row += f" {fmt(r.ttft_cpu_ms)} | {fmt(r.decode_cpu_tokens_per_s)} |"
-        lines.append(row)
-    lines += [
-        "",
-        "| target | shape | precision | threshold | wall clock (median of per-round ratios) | ratio of medians "
-        "| result | CPU time (median of per-round ratios) | result by CPU time |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+            row += [fmt(r.ttft_cpu_ms), fmt(r.decode_cpu_tokens_per_s)]
+        rows.append(row)
+    lines += ["", markdown_table(header, rows)]
+    header = ["target", "shape", "precision", "threshold", "wall clock (median of per-round ratios)"]
+    header += ["ratio of medians", "result", "CPU time (median of per-round ratios)", "result by CPU time"]
+    rows = []
     for t in report.targets:
         name = t.name if t.primary else f"{t.name} (reported only)"
         medians = "" if t.ratio_of_medians is None else f"{t.ratio_of_medians:.3f}"
         cpu_value = "" if t.cpu_time_value is None else f"{t.cpu_time_value:.3f}"
         cpu_result = "" if t.cpu_time_passed is None else ("pass" if t.cpu_time_passed else "FAIL")
-        lines.append(
-            f"| {name} | {t.shape} | {t.precision} | {t.comparison} {t.threshold} | {t.value:.3f} | {medians} "
-            f"| {'pass' if t.passed else 'FAIL'} | {cpu_value} | {cpu_result} |"
-        )
+        result = "pass" if t.passed else "FAIL"
+        rows.append([name, t.shape, t.precision, f"{t.comparison} {t.threshold}", f"{t.value:.3f}", medians, result])
+        rows[-1] += [cpu_value, cpu_result]
+    lines += ["", markdown_table(header, rows)]
     lines += ["", *[f"- {note}" for note in report.notes], ""]
     return "\n".join(lines)
 
@@ -964,7 +926,7 @@ def plan_groups(
         def load():
             if "dir" not in saved:  # --quantization 8bit/4bit only: build and save first
                 build_full()
-                collect()
+                release_memory()
             return load_model(saved["dir"], quantization=precision, device=str(device))
 
         return load
@@ -986,7 +948,7 @@ def plan_groups(
             def load_seven_b_nf4():
                 if not os.path.isdir(seven_b):
                     build_seven_b()
-                    collect()
+                    release_memory()
                 return load_model(seven_b, quantization="4bit", device=str(device))
 
             groups.append(Group("7b", "4bit", load_seven_b_nf4))
@@ -1068,7 +1030,7 @@ def run_groups(report: Report, groups: list[Group], device: torch.device) -> Non
             runs = measure_group(variants, settings, device, progress)
             report.results += [summarise(group, v, runs[v.name], sizes, bandwidth) for v in variants]
             del base, processor, variants
-            collect()
+            release_memory()
 
 
 def standard_notes(device: torch.device, quick: bool, compile: bool) -> list[str]:

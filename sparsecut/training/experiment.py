@@ -5,7 +5,7 @@ on top of it; every variant then runs the same stages, data, steps and seed, and
 split. `stages` overrides stage fields for every variant alike (the shared budget): a key naming a stage holds
 that stage's overrides, other keys apply to every stage; `skip_stages` leaves stages of the recipe out for every
 variant (a small budget is better spent on the stage that trains the LLM's adapters); `probe` (the arguments of
-`sparsecut.probe.probe` but the model; `data` relative to the yaml, default ../data/shapesworld) also fits
+`sparsecut.evaluation.probe.probe` but the model; `data` relative to the yaml, default ../data/shapesworld) also fits
 linear probes on each variant's LLM input tokens and shortcut features, which show what detail reaches the LLM
 even where the budget is too small for the LLM to learn to read it. Results go to `output_dir/results.json` and
 `results.md`: per-family accuracy and the LLM input tokens of each variant (and the probes).
@@ -41,8 +41,9 @@ from pathlib import Path
 
 import yaml
 
-from .evaluate import evaluate
-from .probe import probe
+from ..evaluation.evaluate import evaluate
+from ..evaluation.probe import probe
+from ..utils import markdown_table
 from .train import TrainConfig, train
 
 FINE_DETAIL = ("pattern", "character")
@@ -73,8 +74,8 @@ def variant_config(
 
 def summarise(name: str, scores: dict, overrides: dict, probes: dict | None = None) -> dict:
     """One row of the results: per-family accuracy (descriptions: exact), the fine-detail mean, the costs and,
-    with `probes` (a `sparsecut.probe.probe` result), the probe accuracy per attribute at the LLM input tokens and
-    the best over the shortcuts."""
+    with `probes` (a `sparsecut.evaluation.probe.probe` result), the probe accuracy per attribute at the LLM input
+    tokens and the best over the shortcuts."""
     families = {family: metrics.get("accuracy", metrics.get("exact")) for family, metrics in scores["families"].items()}
     fine = [families[f] for f in FINE_DETAIL if f in families]
     return {
@@ -102,13 +103,16 @@ def probe_summary(probes: dict) -> dict:
 def to_markdown(rows: list[dict], baseline: str | None) -> str:
     families = sorted({family for row in rows for family in row["families"]})
     head = ["variant", "image tokens", "LLM input tokens", *families, "fine detail", "short answer"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    table = []
     for row in rows:
         cells = [row["variant"], str(row["image_tokens"]), f"{row['llm_input_tokens']:.1f}"]
         cells += [f"{100 * row['families'][f]:.1f}" if f in row["families"] else "–" for f in families]
-        cells += [f"{100 * row['fine_detail']:.1f}" if row["fine_detail"] is not None else "–",
-                  f"{100 * row['short_answer']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells += [
+            f"{100 * row['fine_detail']:.1f}" if row["fine_detail"] is not None else "–",
+            f"{100 * row['short_answer']:.1f}",
+        ]
+        table.append(cells)
+    lines = [markdown_table(head, table)]
     base = next((row for row in rows if row["variant"] == baseline), None)
     if base is not None and base["fine_detail"] is not None:
         lines.append("")
@@ -125,10 +129,12 @@ def to_markdown(rows: list[dict], baseline: str | None) -> str:
 def probe_table(rows: list[dict]) -> list[str]:
     """Markdown lines: each variant's probe accuracy per attribute at the LLM input tokens / best shortcut."""
     attributes = list(rows[0]["probe"]["chance"])
-    lines = ["Linear probes per object (`sparsecut probe`): accuracy at the LLM input tokens / the best over the",
-             "shortcuts' added features (– without shortcuts).", ""]
-    head = ["variant", *attributes]
-    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines = [
+        "Linear probes per object (`sparsecut probe`): accuracy at the LLM input tokens / the best over the",
+        "shortcuts' added features (– without shortcuts).",
+        "",
+    ]
+    table = []
     for row in rows:
         found = row["probe"]
         cells = []
@@ -136,10 +142,9 @@ def probe_table(rows: list[dict]) -> list[str]:
             shortcut = found["shortcuts"].get(attribute)
             shortcut_text = "–" if shortcut is None else f"{100 * shortcut:.1f}"
             cells.append(f"{100 * found['input'][attribute]:.1f} / {shortcut_text}")
-        lines.append("| " + " | ".join([row["variant"], *cells]) + " |")
-    chance = [f"{100 * rows[0]['probe']['chance'][a]:.1f}" for a in attributes]
-    lines.append("| *chance (majority class)* | " + " | ".join(chance) + " |")
-    return lines
+        table.append([row["variant"], *cells])
+    table.append(["*chance (majority class)*", *(f"{100 * rows[0]['probe']['chance'][a]:.1f}" for a in attributes)])
+    return [*lines, markdown_table(["variant", *attributes], table)]
 
 
 def saved_or(path: Path, step, *args, **kwargs) -> dict:
@@ -163,8 +168,15 @@ def experiment(path: str | Path, variants: list[str] | None = None) -> Path:
     data = str((path.parent / evaluation.pop("data")).resolve())
     out.mkdir(parents=True, exist_ok=True)
     for name in variants or names:
-        config = variant_config(raw_base, base_path.parent, name, spec["variants"][name], spec.get("stages", {}),
-                                out, spec.get("skip_stages", []))
+        config = variant_config(
+            raw_base,
+            base_path.parent,
+            name,
+            spec["variants"][name],
+            spec.get("stages", {}),
+            out,
+            spec.get("skip_stages", []),
+        )
         final = train(config)
         eval_dir = out / name / "eval"
         saved_or(eval_dir / "scores.json", evaluate, str(final), data, str(eval_dir), **evaluation)
@@ -180,8 +192,9 @@ def experiment(path: str | Path, variants: list[str] | None = None) -> Path:
 def write_results(spec: dict, out: Path, config_name: str):
     """results.json and results.md under `out`: every variant finished so far, by this process or another."""
     rows = finished_rows(spec, out)
-    write_atomically(out / "results.json", json.dumps({"command": f"sparsecut experiment {config_name}",
-                                                       "variants": rows}, indent=2))
+    write_atomically(
+        out / "results.json", json.dumps({"command": f"sparsecut experiment {config_name}", "variants": rows}, indent=2)
+    )
     write_atomically(out / "results.md", to_markdown(rows, spec.get("baseline")))
 
 
