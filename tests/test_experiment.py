@@ -142,17 +142,19 @@ def test_skipped_stages_are_left_out_for_every_variant(tmp_path):
             variant_config(base, tmp_path, "llava", {}, shared, tmp_path / "runs", skip)
 
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+# Recipes, and the configs of runs made once (kept so that they can be run again).
+CONFIGS = sorted(ROOT.glob("configs/*.yaml")) + sorted(ROOT.glob("experiments/*/config.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(path.relative_to(ROOT)) for path in CONFIGS])
 def test_committed_configs_parse_and_their_first_line_runs_them(path):
     """Every stage key and top-level key of a committed recipe is one the trainer knows (a typo would make a
     run fail after its data and stage 0, or silently train with a default)."""
     text = path.read_text()
     raw, command = yaml.safe_load(text), text.splitlines()[0]
     if "variants" in raw:
-        assert command == f"# sparsecut experiment configs/{path.name}"
+        assert command == f"# sparsecut experiment {path.relative_to(ROOT)}"
         base = yaml.safe_load((path.parent / raw["base"]).read_text())
         for name, overrides in raw["variants"].items():
             config = variant_config(
@@ -166,5 +168,5 @@ def test_committed_configs_parse_and_their_first_line_runs_them(path):
             )
             assert config.stages and config.output_dir.endswith(name)
     else:
-        assert command == f"# sparsecut train configs/{path.name}"
+        assert command == f"# sparsecut train {path.relative_to(ROOT)}"
         assert TrainConfig.from_dict(raw, path.parent).stages
