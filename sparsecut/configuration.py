@@ -97,7 +97,7 @@ class SparseCutConfig(PreTrainedConfig):
             over the image) and scale them to this RMS times a learned per-channel gain (`fusion.ImageTokenNorm`),
             so that image tokens differ from each other and enter the LLM at the scale of its text embeddings.
             `sparsecut.build(..., image_token_scale="auto")` takes the RMS of the LLM's input embeddings. Not in
-            the paper; measured why it exists: README, "Training and evaluation".
+            the paper; measured why it exists: docs/findings.md.
         shortcut_gate_init: initial value of the per-shortcut, per-channel gate; 0 makes a fresh model equal
             its shortcut-free baseline at step 0.
         lora: peft `LoraConfig` arguments of LoRA adapters injected into the LLM (stage 2), or None.

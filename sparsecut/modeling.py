@@ -131,7 +131,7 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        # peft's own `enable_adapters` also sets requires_grad, which is `train.set_trainable`'s to decide.
+        # peft's own `enable_adapters` also sets requires_grad, which is `training.train.set_trainable`'s to decide.
         for module in self.language_model.modules():
             if isinstance(module, BaseTunerLayer):
                 module._disable_adapters = not on

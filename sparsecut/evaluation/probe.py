@@ -5,7 +5,7 @@ from each source the LLM receives: the input tokens that replace `<image>`, and 
 and from what the fusion's projector receives for them, to tell what the projector drops.
 A linear classifier per attribute (colour, shape, size, pattern, character, region) is fit on the objects of
 the training images and scored on those of the test images. An attribute the probe cannot read from a source
-is not there in a linearly readable form, whatever the LLM learns. The README ("Training and evaluation") gives
+is not there in a linearly readable form, whatever the LLM learns. docs/findings.md gives
 the measurement that showed a cross-attention fusion averaging the crops' fine detail away.
 
 `llm_probe` (`sparsecut probe --llm`) follows the attribute a question asks for through the LLM: for questions

@@ -117,7 +117,7 @@ class StageConfig:
     stage's start: 0 keeps the trained weights, 0.5 saves the mean of the model before and after the stage (a
     "model soup" of the two; LoRA's A and B matrices are averaged each on its own). Small CPU stages on the
     default model ended below where they started on the families they weighted most, and their mean with the
-    start level with it or above (weights/README.md). The last log record then holds the held-out loss both
+    start level with it or above (docs/training.md). The last log record then holds the held-out loss both
     ways (`eval_loss` as trained, `averaged_eval_loss` after the move)."""
     seed: int | None = None
     """Seed of this stage's data order, family-weight coin tosses and random state; None: the run's `seed`
