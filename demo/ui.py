@@ -207,7 +207,7 @@ def give_back(message: dict | None, state: ChatSession) -> tuple:
 def visualize(
     state: ChatSession, shortcut: float, vision_layer: float, row: float, col: float
 ) -> tuple[np.ndarray | None, ...]:
-    """The pictures behind the latest answer of this session: the shortcut chart, the chosen shortcut's
+    """The pictures behind the latest answer in this chat: the shortcut chart, the chosen shortcut's
     map, the fused layer's attention map, the low-res patch (row, col)'s attention map, and a JSON of
     the numbers."""
     visuals = render_visuals(state.last_answer, int(shortcut), int(vision_layer), int(row), int(col))
