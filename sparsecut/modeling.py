@@ -78,21 +78,29 @@ class SparseCutPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, SparseShortcuts):
-            nn.init.constant_(module.gate, self.config.shortcut_gate_init)
-        elif isinstance(module, (Projector, CrossAttentionBlock)):
-            for child in module.modules():
-                if isinstance(child, nn.Linear):
-                    nn.init.normal_(child.weight, std=0.02)
+        init_weights(module, self.config)
+
+
+def init_weights(module: nn.Module, config: SparseCutConfig) -> None:
+    """The initial values of SparseCut's own parts (fusion, shortcut gates); also used by `sparsecut.convert`."""
+    if isinstance(module, SparseShortcuts):
+        nn.init.constant_(module.gate, config.shortcut_gate_init)
+    elif isinstance(module, (Projector, CrossAttentionBlock)):
+        for child in module.modules():
+            if isinstance(child, nn.Linear):
+                nn.init.normal_(child.weight, std=0.02)
+                if child.bias is not None:
                     nn.init.zeros_(child.bias)
-                elif isinstance(child, nn.LayerNorm):
-                    nn.init.ones_(child.weight)
-                    nn.init.zeros_(child.bias)
-        elif isinstance(module, ImageTokenNorm):
-            nn.init.constant_(module.weight, module.initial_scale)
-        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            elif isinstance(child, nn.LayerNorm):
+                nn.init.ones_(child.weight)
+                nn.init.zeros_(child.bias)
+        if isinstance(module, CrossAttentionBlock) and module.pre_norm:
+            module.zero_output_layers()
+    elif isinstance(module, ImageTokenNorm):
+        nn.init.constant_(module.weight, module.initial_scale)
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixin):
@@ -197,16 +205,21 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         )
 
     def _embed_with_images(
-        self, input_ids: torch.LongTensor, features: ImageFeatures | None
+        self, input_ids: torch.LongTensor, features: ImageFeatures | None, past_key_values: Cache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image_mask = input_ids == self.config.image_token_id  # (B, T)
+        embedding = self.get_input_embeddings()
         # The placeholder id may lie outside the LLM's vocabulary (no embedding resize), so look up id 0 there.
-        embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        outside = image_mask & (input_ids >= embedding.num_embeddings)
+        embeds = embedding(input_ids.masked_fill(outside, 0))
         if features is None:
+            # A decode step's token is the model's own: an image token it emits (LLaVA-1.5's <image> id lies inside
+            # its vocabulary) is an ordinary token there, as in LLaVA. In a prompt, image tokens need images.
             # Reading the count back is a graph break under torch.compile, which `generate` applies to the
-            # static-cache decode steps only (their one new token is the model's own), so the check runs eagerly.
+            # static-cache decode steps only, so the check runs eagerly.
             if not torch.compiler.is_compiling() and (n_tokens := int(image_mask.sum())):
-                raise ValueError(f"input_ids contain {n_tokens} image tokens but no pixel_values were given.")
+                if past_key_values is None or past_key_values.get_seq_length() == 0:
+                    raise ValueError(f"input_ids contain {n_tokens} image tokens but no pixel_values were given.")
             return embeds, image_mask
         n_tokens = int(image_mask.sum())
         n_features = features.inputs.shape[0] * features.inputs.shape[1]
@@ -282,7 +295,7 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids or inputs_embeds.")
-            inputs_embeds, image_mask = self._embed_with_images(input_ids, features)
+            inputs_embeds, image_mask = self._embed_with_images(input_ids, features, past_key_values)
         else:
             image_mask = None
         ratios: dict[int, torch.Tensor] | None = {} if (want_stats and features is not None) else None

@@ -16,7 +16,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .data.images import InvalidInputError, load_image
-from .vision import HALF, crops_per_side, make_views
+from .vision import HALF, RESIZE_MODES, crops_per_side, make_views
 
 ZERO_WIDTH_SPACE = "\u200b"
 ROLES = ("system", "user", "assistant")
@@ -42,7 +42,14 @@ class SparseCutProcessor(ProcessorMixin):
     image_mean, image_std: the encoder's normalisation.
     pad_to_square: pad images to a square with the mean colour before resizing (LLaVA-1.5), instead of
         squashing the aspect ratio.
+    pad_color: the padding's RGB colour; None: the normalisation mean, rounded (LLaVA-1.5's code and
+        transformers' LlavaImageProcessor truncate instead: [int(255 * m) for m in image_mean]).
+    resize: "squash" (the image, padded or not, resized to the square) or "crop" (its shortest side resized, the
+        centre square cut: CLIPImageProcessor's preprocessing, as llava-hf's LLaVA-1.5 checkpoints ship it).
     image_token: the placeholder string.
+    content_items: hand each message's content to the chat template as a list of {"type": "image"} and
+        {"type": "text", "text": ...} items, the form transformers' processors give LLaVA's templates, instead of
+        one string with the placeholder where each image goes.
     padding_side: default padding side for batches ("left" suits generation; training collators pass "right").
     """
 
@@ -56,7 +63,10 @@ class SparseCutProcessor(ProcessorMixin):
         image_mean: Sequence[float] = HALF,
         image_std: Sequence[float] = HALF,
         pad_to_square: bool = True,
+        pad_color: Sequence[int] | None = None,
+        resize: str = "squash",
         image_token: str = "<image>",
+        content_items: bool = False,
         padding_side: str = "left",
         chat_template: str | None = None,
     ):
@@ -67,7 +77,12 @@ class SparseCutProcessor(ProcessorMixin):
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
         self.pad_to_square = bool(pad_to_square)
+        self.pad_color = None if pad_color is None else [int(c) for c in pad_color]
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}.")
+        self.resize = resize
         self.image_token = image_token
+        self.content_items = bool(content_items)
         self.padding_side = padding_side
         super().__init__(tokenizer, chat_template=chat_template)
         tokenizer.padding_side = padding_side
@@ -97,6 +112,8 @@ class SparseCutProcessor(ProcessorMixin):
                 self.image_std,
                 self.pad_to_square,
                 self.high_res_overlap,
+                self.resize,
+                None if self.pad_color is None else tuple(self.pad_color),
             )
             for image in images
         ]
@@ -170,10 +187,11 @@ class SparseCutProcessor(ProcessorMixin):
 
     # --- chat ------------------------------------------------------------------------------------------------
     def render_messages(self, messages: list[dict]) -> tuple[list[dict], list]:
-        """Structured chat messages -> (plain-text messages for the LLM's chat template, images in order).
+        """Structured chat messages -> (messages for the LLM's chat template, images in order).
 
         Content may be a string or a list of {"type": "text", "text": ...} and {"type": "image"[, "image": x]}
-        items; an image item becomes the placeholder at its place. Text is escaped (see `escape_text`).
+        items; an image item becomes the placeholder at its place (or an image item, with `content_items`). Text is
+        escaped (see `escape_text`).
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InvalidInputError("A conversation is a non-empty list of messages.")
@@ -186,21 +204,23 @@ class SparseCutProcessor(ProcessorMixin):
                 content = [{"type": "text", "text": content}]
             if not isinstance(content, (list, tuple)):
                 raise InvalidInputError(f"Message {index}: content must be text or a list of items.")
-            parts = []
+            parts, items = [], []
             for item in content:
                 kind = item.get("type") if isinstance(item, dict) else None
                 if kind == "image":
                     parts.append(self.image_token)
+                    items.append({"type": "image"})
                     source = item.get("image", item.get("path"))
                     if source is not None:
                         images.append(source)
                 elif kind == "text":
                     parts.append(self.escape_text(as_text(item.get("text", ""))))
+                    items.append({"type": "text", "text": parts[-1]})
                 else:
                     raise InvalidInputError(
                         f"Message {index}: unsupported content item {kind!r}; use 'text' or 'image'."
                     )
-            rendered.append({"role": message["role"], "content": "\n".join(parts)})
+            rendered.append({"role": message["role"], "content": items if self.content_items else "\n".join(parts)})
         return rendered, images
 
     def apply_chat_template(

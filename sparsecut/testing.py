@@ -104,3 +104,74 @@ def tiny_model(
         **config_overrides,
     )
     return model.eval(), processor
+
+
+# LLaVA-1.5's conversation format ("USER: <image>\nWhat is this? ASSISTANT:"), as a template over content items.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
+    "{{ ' ' if message['role'] != 'assistant' else '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_llava(
+    folder,
+    decoder: str = "llama",
+    encoder: str = "clip",
+    seed: int = 0,
+    pad: bool = False,
+    projector_bias: bool = True,
+):
+    """Save a tiny random transformers `LlavaForConditionalGeneration` with its `LlavaProcessor` to `folder` (as a
+    llava-hf checkpoint is laid out) and return the model, in eval mode.
+
+    CLIP towers get LLaVA-1.5's preprocessing (shortest side + centre crop; `pad`: LLaVA's own padding to a square
+    first) and drop the CLS token ("default"); SigLIP towers get a plain resize and keep every token ("full"), as
+    llava-interleave-qwen does. The `<image>` id lies inside the vocabulary, as in LLaVA-1.5; a Qwen2 decoder ties
+    its head to the embeddings, as Qwen2-0.5B does.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from .tokenization import byte_tokenizer
+    from .vision import CLIP_MEAN, CLIP_STD, HALF
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    clip = encoder == "clip"
+    vision = tiny_vision_config(encoder)
+    text = tiny_text_config(decoder, tie_word_embeddings=decoder == "qwen2")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if clip else "full",
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        multimodal_projector_bias=projector_bias,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    side = vision.image_size
+    if clip:
+        size = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_center_crop=True)
+        mean, std = CLIP_MEAN, CLIP_STD
+    else:
+        size = dict(size={"height": side, "width": side}, do_center_crop=False)
+        mean, std = HALF, HALF
+    images = LlavaImageProcessorPil(**size, do_pad=pad, image_mean=list(mean), image_std=list(std))
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1 if clip else 0,
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model

@@ -50,6 +50,26 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
+RESIZE_MODES = ("squash", "crop")
+
+
+def resize_square(image: Image.Image, size: int, mode: str) -> Image.Image:
+    """The image as a size x size square: "squash" resizes it whole (after any padding, no distortion), "crop"
+    resizes its shortest side to `size` and cuts the centre square (CLIP's preprocessing, llava-hf's LLaVA-1.5),
+    with the rounding of transformers' image processors, so both give the same pixels."""
+    if mode == "squash":
+        return image.resize((size, size), Image.Resampling.BICUBIC)
+    if mode != "crop":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}.")
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    new_width, new_height = (size, new_long) if width <= height else (new_long, size)
+    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
 def crops_per_side(grid: int, overlap: bool) -> int:
     """High-res crops per side: grid, or 2 * grid - 1 when they overlap by half a crop."""
     return 2 * grid - 1 if overlap else grid
@@ -63,13 +83,16 @@ def make_views(
     std: tuple[float, ...],
     pad: bool = True,
     overlap: bool = False,
+    resize: str = "squash",
+    pad_color: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """The 1 + crops normalised views of one RGB image: (views, 3, size, size) float32, where crops is grid**2,
-    or (2 * grid - 1)**2 crops at a stride of size // 2 with `overlap`."""
+    or (2 * grid - 1)**2 crops at a stride of size // 2 with `overlap`. `resize`: see `resize_square`; `pad`
+    fills with `pad_color`, by default the mean colour rounded (LLaVA-1.5's own code truncates: int(255 * m))."""
     if pad:
-        image = pad_to_square(image, tuple(int(round(255 * m)) for m in mean))
-    low = image.resize((size, size), Image.Resampling.BICUBIC)
-    high = image.resize((size * grid, size * grid), Image.Resampling.BICUBIC)
+        image = pad_to_square(image, pad_color or tuple(int(round(255 * m)) for m in mean))
+    low = resize_square(image, size, resize)
+    high = resize_square(image, size * grid, resize)
     stride, count = size // 2 if overlap else size, crops_per_side(grid, overlap)
     offsets = [(x * stride, y * stride) for y in range(count) for x in range(count)]
     crops = [high.crop((x, y, x + size, y + size)) for x, y in offsets]
