@@ -295,6 +295,10 @@ def check_checkpoint_files(path: Path) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"No checkpoint directory at {path}.")
     if not is_checkpoint(path):
+        config_file = path / "config.json"
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+        if model_type == "llava":
+            raise ValueError(f"{path} is a LLaVA checkpoint; convert it first: `sparsecut convert {path} OUT`.")
         raise ValueError(f"{path} has no SparseCut config.json (model_type 'sparsecut').")
     if not any(path.glob("*.safetensors")):
         pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]

@@ -333,6 +333,27 @@ def _text_only_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
 
 
+def convert(
+    source: str, out: str, fusion: str = "none", high_res_grid: int | None = None, schedule: str = "none"
+) -> None:
+    """Turn a LLaVA checkpoint (hub id or folder) into a SparseCut model that starts exactly equal to it."""
+    from .convert import convert as run_conversion
+
+    print(f"wrote {run_conversion(source, out, fusion=fusion, high_res_grid=high_res_grid, schedule=schedule)}")
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", help="a LlavaForConditionalGeneration checkpoint: a local folder or a hub id (llava-hf/...)"
+    )
+    parser.add_argument("out", help="the SparseCut checkpoint directory to write")
+    parser.add_argument("--fusion", choices=["none", "concat_mlp", "cross_attention"], default="none")
+    parser.add_argument(
+        "--high-res-grid", type=int, default=None, help="high-res crops per side (default 1 with --fusion none, else 2)"
+    )
+    parser.add_argument("--schedule", default="none", help="shortcuts: none, uniform[:k] or reversed[:k]")
+
+
 # subcommand -> (entry function, its arguments). The parsed arguments are passed to the function by name, and
 # the help is the first line of its docstring.
 COMMANDS: dict[str, tuple[Callable[..., object], Callable[[argparse.ArgumentParser], None]]] = {
@@ -346,6 +367,7 @@ COMMANDS: dict[str, tuple[Callable[..., object], Callable[[argparse.ArgumentPars
     "shapesworld": (shapesworld, _shapesworld_arguments),
     "world-check": (world_check, _world_check_arguments),
     "text-only": (text_only, _text_only_arguments),
+    "convert": (convert, _convert_arguments),
 }
 
 

@@ -2,7 +2,8 @@
 
 The paper starts from a trained LLaVA-1.5 and trains the fusion and the shortcuts in its alignment stage. Any
 transformers `LlavaForConditionalGeneration` checkpoint (Llama, Vicuna, Mistral, Qwen2 ... decoders; CLIP or SigLIP
-towers) is taken here weight by weight (`KEY_MAP`); SparseCut's own parts start where they add nothing:
+towers) is loaded by transformers and its modules become the SparseCut model's, not copied; `KEY_MAP` says which
+weight becomes which and is checked on every conversion. SparseCut's own parts start where they add nothing:
 - fusion "none": LLaVA's projector as it is (the LLaVA-1.5 configuration, `LLAVA_1_5`);
 - "concat_mlp": no input norm, and the projector's first layer reads the low-res token with LLaVA's weights and
   the high-res neighbours with zeros ([W | 0 ... 0]), which training moves;
@@ -10,45 +11,40 @@ towers) is taken here weight by weight (`KEY_MAP`); SparseCut's own parts start 
   identity on the low-res (LLaVA) tokens; their gradients are not zero, so it trains from the first step;
 - shortcut gates at 0.
 The processor keeps LLaVA's image preprocessing (resize + centre crop, or padding with int(255 * mean)), its
-placeholder, token count and chat template. Weights are read from safetensors only, one source shard at a time, and
-written as the same number of shards.
+placeholder, token count and chat template. Weights are read from safetensors only and keep their dtype.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import AutoConfig, AutoProcessor, GenerationConfig, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 
+from .build import check_loading_info
 from .configuration import FUSIONS, SparseCutConfig
-from .fusion import MultiGrainedFusion
-from .modeling import SparseCutForConditionalGeneration, init_weights
+from .modeling import SparseCutForConditionalGeneration
 from .processing import SparseCutProcessor
-from .shortcuts import SparseShortcuts
 
-logger = logging.getLogger(__name__)
-
-# LLaVA key prefix -> SparseCut key prefix, first match wins: the layout transformers >= 4.52 saves, then the one of
-# older llava-hf uploads.
+# LLaVA weight name -> SparseCut weight name, by prefix, as the installed transformers names them in memory (it reads
+# every layout LLaVA checkpoints were saved in).
 KEY_MAP = (
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "fusion.projector."),
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
-    ("vision_tower.", "vision_tower."),
-    ("multi_modal_projector.", "fusion.projector."),
-    ("language_model.model.", "language_model.model."),
-    ("language_model.lm_head.", "language_model.lm_head."),
 )
 # SparseCut's configuration that is LLaVA-1.5: low-res view only, LLaVA's projector, no shortcuts (the feature
 # layer is the source's `vision_feature_layer`, -2 in LLaVA-1.5).
 LLAVA_1_5 = {"fusion": "none", "high_res_grid": 1, "schedule": "none", "feature_layer": -2}
-# What a SparseCut checkpoint directory needs besides the weights (a hub download fetches only these, never pickles).
+# The files of a hub checkpoint that a conversion reads (never pickled weights).
 SOURCE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 BICUBIC = 3
 
@@ -68,22 +64,6 @@ def resolve_source(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(source, allow_patterns=SOURCE_FILES))
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint, in the order of its index; pickled weights are refused."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        found = f" (it has {', '.join(pickles)})" if pickles else ""
-        raise FileNotFoundError(
-            f"{folder} has no .safetensors weights{found}. Weights are only read from safetensors, never unpickled: "
-            "load the checkpoint with transformers where you trust it and save_pretrained() it again."
-        )
-    return files
 
 
 def sparsecut_config(
@@ -118,7 +98,6 @@ def sparsecut_config(
         shortcut_gate_init=0.0,
         image_token=image_token,
         image_token_id=llava.image_token_id,
-        dtype=llava.text_config.dtype,
     )
 
 
@@ -184,41 +163,51 @@ def sparsecut_processor(llava_processor, config: SparseCutConfig) -> SparseCutPr
     )
 
 
-def new_parts(config: SparseCutConfig, projector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SparseCut's weights that LLaVA has no counterpart for, plus the projector (widened for concat_mlp), set so
-    that the converted model equals the source: gates at 0, the cross-attention block the identity."""
-    fusion, shortcuts = MultiGrainedFusion(config), SparseShortcuts(config)
-    for module in (*fusion.modules(), shortcuts):
-        init_weights(module, config)
-    weights = {f"fusion.{key}": value for key, value in fusion.state_dict().items()}
-    weights.update({f"shortcuts.{key}": value for key, value in shortcuts.state_dict().items()})
-    dtype = projector["fusion.projector.linear_2.weight"].dtype
-    for key, value in projector.items():
-        if weights[key].shape != value.shape:  # concat_mlp's linear_1: [W | 0 for every high-res neighbour]
-            widened = torch.zeros(weights[key].shape, dtype=value.dtype)
+def causal_lm(llava) -> PreTrainedModel:
+    """LLaVA's LLM as the causal LM SparseCut composes: the `...ForCausalLM` of its text config (built on the meta
+    device, no memory) holding LLaVA's own decoder and head, which are not copied."""
+    with torch.device("meta"):
+        language_model = AutoModelForCausalLM.from_config(llava.config.text_config)
+    setattr(language_model, language_model.base_model_prefix, llava.model.language_model)
+    language_model.lm_head = llava.lm_head
+    left = [name for name, t in (*language_model.named_parameters(), *language_model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"The causal LM of {llava.config.text_config.model_type} has parts LLaVA lacks: {left}.")
+    language_model.generation_config = llava.generation_config
+    return language_model
+
+
+def set_projector(model: SparseCutForConditionalGeneration, weights: dict[str, torch.Tensor]) -> None:
+    """LLaVA's projector weights into the fusion's projector; concat_mlp's wider first layer reads the low-res token
+    with LLaVA's weights and the high-res neighbours with zeros: [W | 0 ... 0]."""
+    projector = model.fusion.projector
+    state = projector.state_dict()
+    for key, value in weights.items():
+        if state[key].shape != value.shape:
+            widened = torch.zeros(state[key].shape, dtype=value.dtype)
             widened[:, : value.shape[1]] = value
             value = widened
-        weights[key] = value
-    return {key: value.to(dtype).contiguous() for key, value in weights.items()}
+        state[key] = value
+    projector.load_state_dict(state)
 
 
-def expected_weights(config: SparseCutConfig) -> dict[str, torch.Size]:
-    """Name -> shape of every weight a SparseCut model of `config` loads (tied weights once), built on the meta
-    device (no memory, no work)."""
-    with torch.device("meta"):
-        model = SparseCutForConditionalGeneration(config)
-    return {key: value.shape for key, value in model.state_dict().items() if key not in tied_keys(model)}
-
-
-def tied_keys(model: torch.nn.Module) -> set[str]:
-    """Names of parameters that are the same tensor as an earlier one (a head tied to the embeddings)."""
-    first: dict[int, str] = {}
-    tied = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in first:
-            tied.add(name)
-        first.setdefault(id(parameter), name)
-    return tied
+def check_mapping(llava, model: SparseCutForConditionalGeneration) -> None:
+    """Every LLaVA weight must land, by `KEY_MAP`, on the SparseCut weight that holds it, and every SparseCut weight
+    outside the fusion and the gates must come from LLaVA; else an error naming them (never random weights)."""
+    ours = model.state_dict()
+    theirs = {sparsecut_key(key): value for key, value in llava.state_dict().items()}
+    unexpected = sorted(key for key in theirs if key not in ours)
+    missing = sorted(key for key in ours if key not in theirs and not key.startswith(("fusion.", "shortcuts.")))
+    differ = sorted(
+        key
+        for key, value in theirs.items()
+        if key in ours and not key.startswith("fusion.") and ours[key].data_ptr() != value.data_ptr()
+    )
+    if unexpected or missing or differ:
+        problems = (("not in SparseCut", unexpected), ("not from LLaVA", missing), ("not LLaVA's tensor", differ))
+        raise ValueError(
+            "The LLaVA -> SparseCut mapping failed: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in problems if v)
+        )
 
 
 def convert(
@@ -230,64 +219,30 @@ def convert(
 ) -> Path:
     """Convert a LLaVA checkpoint (a local folder or a hub id such as llava-hf/llava-1.5-7b-hf) into a SparseCut
     checkpoint in `out` that starts exactly equal to it; see the module docstring. high_res_grid defaults to 1 for
-    fusion "none" (LLaVA-1.5) and 2 otherwise; schedule: "none", "uniform[:k]", "reversed[:k]"."""
+    fusion "none" (LLaVA-1.5) and 2 otherwise; schedule: "none", "uniform[:k]", "reversed[:k]". The weights keep
+    their stored dtype."""
     folder, out = resolve_source(source), Path(out)
-    llava = AutoConfig.from_pretrained(folder)
+    llava_config = AutoConfig.from_pretrained(folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
-    config = sparsecut_config(llava, fusion, high_res_grid, schedule, llava_processor.image_token)
-    check_token_count(config, llava.vision_feature_select_strategy)
+    config = sparsecut_config(llava_config, fusion, high_res_grid, schedule, llava_processor.image_token)
+    check_token_count(config, llava_config.vision_feature_select_strategy)
     processor = sparsecut_processor(llava_processor, config)
-    expected = expected_weights(config)
 
-    files = weight_files(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    if len(files) == 1:
-        names = ["model.safetensors"]
-    written: dict[str, str] = {}
-    projector: dict[str, torch.Tensor] = {}
-    for index, (file, name) in enumerate(zip(files, names, strict=True)):
-        shard = {}
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                target = sparsecut_key(key)
-                if target.startswith("fusion.projector."):
-                    projector[target] = f.get_tensor(key)
-                else:
-                    shard[target] = f.get_tensor(key)
-        if index == len(files) - 1:
-            shard.update(new_parts(config, projector))
-        check_shapes(shard, expected, source)
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        written.update(dict.fromkeys(shard, name))
-        logger.info("wrote %s (%d tensors)", out / name, len(shard))
-    missing = sorted(set(expected) - set(written))
-    if missing:
-        raise ValueError(f"{source} lacks weights the SparseCut model needs: {', '.join(missing)}.")
-    if len(files) > 1:
-        index = {"metadata": {}, "weight_map": dict(sorted(written.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-    config.save_pretrained(out)
-    try:
-        generation = GenerationConfig.from_pretrained(folder)
-    except OSError:
-        generation = GenerationConfig.from_model_config(llava.text_config)
-    generation.pad_token_id = processor.tokenizer.pad_token_id
-    generation.save_pretrained(out)
+    # transformers reads every LLaVA layout (sharded, older key names); nothing pickled.
+    llava, info = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype="auto", use_safetensors=True, output_loading_info=True
+    )
+    check_loading_info(info, source, "LLaVA checkpoint")
+    config.dtype = llava.dtype
+    model = SparseCutForConditionalGeneration(
+        config, vision_tower=llava.model.vision_tower, language_model=causal_lm(llava)
+    )
+    set_projector(model, {key: value for key, value in llava.model.multi_modal_projector.state_dict().items()})
+    model.fusion.to(llava.dtype)
+    model.shortcuts.to(llava.dtype)
+    check_mapping(llava, model)
+    model.generation_config = llava.generation_config
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
-
-
-def check_shapes(shard: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
-    """Every converted weight must be one the SparseCut model has, with its shape; else an error naming them."""
-    unexpected = sorted(key for key in shard if key not in expected)
-    mismatched = sorted(
-        f"{key} {tuple(value.shape)} vs {tuple(expected[key])}"
-        for key, value in shard.items()
-        if key in expected and value.shape != expected[key]
-    )
-    if unexpected or mismatched:
-        problems = (("unexpected", unexpected), ("mismatched", mismatched))
-        found = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems if keys)
-        raise ValueError(f"{source} does not fit the SparseCut model of its config ({found}).")

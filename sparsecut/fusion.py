@@ -104,7 +104,7 @@ class CrossAttentionBlock(nn.Module):
 
     Post-norm (the default): LayerNorm after each residual add. Pre-norm (`fusion_residual`): LayerNorm on the
     attention's and the FFN's inputs only, so the residual stream is the low-res tokens themselves, and with the
-    output layers at zero (`zero_output_layers`, done at initialisation) the block is exactly the identity.
+    output layers at zero (`zero_output_layers`, done on construction) the block is exactly the identity.
     """
 
     def __init__(self, config: SparseCutConfig):
@@ -120,6 +120,8 @@ class CrossAttentionBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(d)
         self.pre_norm = config.fusion_residual
         self.side, self.grid = config.patches_per_side, config.high_res_grid
+        if self.pre_norm:
+            self.zero_output_layers()
 
     def zero_output_layers(self) -> None:
         """Zero o_proj and the FFN's second linear: a pre-norm block then returns its queries unchanged, while

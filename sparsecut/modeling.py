@@ -78,29 +78,24 @@ class SparseCutPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        init_weights(module, self.config)
-
-
-def init_weights(module: nn.Module, config: SparseCutConfig) -> None:
-    """The initial values of SparseCut's own parts (fusion, shortcut gates); also used by `sparsecut.convert`."""
-    if isinstance(module, SparseShortcuts):
-        nn.init.constant_(module.gate, config.shortcut_gate_init)
-    elif isinstance(module, (Projector, CrossAttentionBlock)):
-        for child in module.modules():
-            if isinstance(child, nn.Linear):
-                nn.init.normal_(child.weight, std=0.02)
-                if child.bias is not None:
+        if isinstance(module, SparseShortcuts):
+            nn.init.constant_(module.gate, self.config.shortcut_gate_init)
+        elif isinstance(module, (Projector, CrossAttentionBlock)):
+            for child in module.modules():
+                if isinstance(child, nn.Linear):
+                    nn.init.normal_(child.weight, std=0.02)
+                    if child.bias is not None:
+                        nn.init.zeros_(child.bias)
+                elif isinstance(child, nn.LayerNorm):
+                    nn.init.ones_(child.weight)
                     nn.init.zeros_(child.bias)
-            elif isinstance(child, nn.LayerNorm):
-                nn.init.ones_(child.weight)
-                nn.init.zeros_(child.bias)
-        if isinstance(module, CrossAttentionBlock) and module.pre_norm:
-            module.zero_output_layers()
-    elif isinstance(module, ImageTokenNorm):
-        nn.init.constant_(module.weight, module.initial_scale)
-    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+            if isinstance(module, CrossAttentionBlock) and module.pre_norm:
+                module.zero_output_layers()
+        elif isinstance(module, ImageTokenNorm):
+            nn.init.constant_(module.weight, module.initial_scale)
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixin):

@@ -18,7 +18,7 @@ even where the budget is too small for the LLM to learn to read it. Results go t
     probe: {train_images: 1000, test_images: 600}
     variants:
       sparsecut: {}
-      llava: {fusion: none, schedule: none}
+      llava: {fusion: none, high_res_grid: 1, schedule: none, feature_layer: -2, image_token_scale: null}
 
 Variants train one after another and a finished variant is not redone, so an interrupted experiment resumes.
 `variants` (`--variants` on the command line) runs only the named ones; the results still table every finished
