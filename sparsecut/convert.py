@@ -133,8 +133,9 @@ def sparsecut_processor(llava_processor, config: SparseCutConfig) -> SparseCutPr
             f"The LLaVA image processor resizes to {size} (crop {crop or 'none'}), not to the encoder's "
             f"{config.image_size} px square that SparseCut's processor makes."
         )
-    resample = getattr(images, "resample", BICUBIC)
-    if int(resample) != BICUBIC or not images.do_resize or not images.do_normalize:
+    resample = getattr(images, "resample", BICUBIC)  # PIL's code, or torchvision's InterpolationMode
+    bicubic = getattr(resample, "value", resample) in (BICUBIC, "bicubic")
+    if not bicubic or not images.do_resize or not images.do_normalize:
         raise ValueError("SparseCut's processor resizes with bicubic resampling and normalises; this LLaVA does not.")
     if not images.do_rescale or abs(images.rescale_factor - 1 / 255) > 1e-12:
         raise ValueError(f"SparseCut's processor scales pixels by 1/255; this LLaVA by {images.rescale_factor}.")

@@ -1,6 +1,7 @@
 """`sparsecut experiment`: variants of one recipe are trained alike, scored alike and tabled."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,13 @@ def test_committed_configs_parse_and_their_first_line_runs_them(path):
     run fail after its data and stage 0, or silently train with a default)."""
     text = path.read_text()
     raw, command = yaml.safe_load(text), text.splitlines()[0]
+    launch = re.fullmatch(r"# accelerate launch --config_file (\S+) -m sparsecut\.cli train (\S+)", command)
+    if "distributed_type" in raw:  # an accelerate config: its first line launches a recipe with it
+        assert launch and launch[1] == str(path.relative_to(ROOT)) and (ROOT / launch[2]).is_file()
+        return
+    if launch:  # a recipe for several GPUs, launched with an accelerate config
+        assert (ROOT / launch[1]).is_file()
+        command = f"# sparsecut train {launch[2]}"
     if "variants" in raw:
         assert command == f"# sparsecut experiment {path.relative_to(ROOT)}"
         base = yaml.safe_load((path.parent / raw["base"]).read_text())
