@@ -46,7 +46,7 @@ KEY_MAP = (
 LLAVA_1_5 = {"fusion": "none", "high_res_grid": 1, "schedule": "none", "feature_layer": -2}
 # The files of a hub checkpoint that a conversion reads (never pickled weights).
 SOURCE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-BICUBIC = 3
+BICUBIC = 3  # PIL's code for bicubic resampling, which SparseCut's processor uses
 
 
 def sparsecut_key(key: str) -> str:
@@ -192,6 +192,17 @@ def set_projector(model: SparseCutForConditionalGeneration, weights: dict[str, t
     projector.load_state_dict(state)
 
 
+def same_start(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether a SparseCut weight is LLaVA's: the same tensor, or for the projector the same values (concat_mlp's
+    first layer: LLaVA's columns first, zeros after them)."""
+    if ours.data_ptr() == theirs.data_ptr():
+        return True
+    if ours.shape == theirs.shape:
+        return torch.equal(ours, theirs)
+    width = theirs.shape[-1]
+    return torch.equal(ours[..., :width], theirs) and not ours[..., width:].any()
+
+
 def check_mapping(llava, model: SparseCutForConditionalGeneration) -> None:
     """Every LLaVA weight must land, by `KEY_MAP`, on the SparseCut weight that holds it, and every SparseCut weight
     outside the fusion and the gates must come from LLaVA; else an error naming them (never random weights)."""
@@ -199,11 +210,7 @@ def check_mapping(llava, model: SparseCutForConditionalGeneration) -> None:
     theirs = {sparsecut_key(key): value for key, value in llava.state_dict().items()}
     unexpected = sorted(key for key in theirs if key not in ours)
     missing = sorted(key for key in ours if key not in theirs and not key.startswith(("fusion.", "shortcuts.")))
-    differ = sorted(
-        key
-        for key, value in theirs.items()
-        if key in ours and not key.startswith("fusion.") and ours[key].data_ptr() != value.data_ptr()
-    )
+    differ = sorted(key for key, value in theirs.items() if key in ours and not same_start(ours[key], value))
     if unexpected or missing or differ:
         problems = (("not in SparseCut", unexpected), ("not from LLaVA", missing), ("not LLaVA's tensor", differ))
         raise ValueError(
@@ -238,7 +245,7 @@ def convert(
     model = SparseCutForConditionalGeneration(
         config, vision_tower=llava.model.vision_tower, language_model=causal_lm(llava)
     )
-    set_projector(model, {key: value for key, value in llava.model.multi_modal_projector.state_dict().items()})
+    set_projector(model, llava.model.multi_modal_projector.state_dict())
     model.fusion.to(llava.dtype)
     model.shortcuts.to(llava.dtype)
     check_mapping(llava, model)

@@ -1,5 +1,6 @@
 """`sparsecut convert`: a LLaVA checkpoint becomes a SparseCut model that starts exactly equal to it, and trains."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,23 @@ def drop_weight(file: Path, part: str, name: str) -> None:
     (key,) = [key for key in weights if part in key and key.endswith(name)]
     del weights[key]
     save_file(weights, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"vision_feature_select_strategy": "default"}, "gives the LLM 15 tokens per image"),  # a SigLIP patch dropped
+        ({"vision_feature_layer": [-2, -1]}, "concatenates several encoder layers"),
+        ({"model_type": "llava_next"}, "takes LlavaForConditionalGeneration checkpoints"),
+    ],
+)
+def test_a_llava_whose_image_tokens_sparsecut_cannot_make_is_refused_with_the_reason(change, reason, tmp_path):
+    folder = tmp_path / "llava"
+    tiny_llava(folder, "qwen2", "siglip")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=reason):
+        convert(str(folder), tmp_path / "out")
 
 
 def test_build_refuses_a_llava_folder_and_names_the_convert_command(tmp_path):
