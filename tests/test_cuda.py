@@ -122,3 +122,26 @@ def test_a_real_cuda_out_of_memory_is_reported_and_the_next_request_is_served(mo
         served = list(turns)[-1]
     assert served.status == "done" and session.last_answer is not None
     assert session.last_answer.cost.memory_kind == "peak CUDA memory allocated"
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_a_converted_tiny_llava_loads_quantized_on_cuda_and_stays_close_to_llava(quantization, tmp_path):
+    from sparsecut.convert import convert
+    from sparsecut.testing import tiny_llava
+
+    tiny_llava(tmp_path / "llava", "llama", "clip")
+    out = convert(str(tmp_path / "llava"), tmp_path / "sparsecut", fusion="concat_mlp", schedule="uniform:2")
+    model, processor = load_model(out, quantization=quantization, device="cuda")
+    full, _ = load_model(out, device="cuda", dtype=torch.float32)
+    inputs = processor.apply_chat_template(
+        image_question(random_image(4), "What is this?"), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    inputs = {name: value.to("cuda") for name, value in inputs.items()}
+    with torch.inference_mode():
+        quantized, exact = model(**inputs).logits.float(), full(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 6
+    assert torch.isfinite(quantized).all()
+    # Quantization moves the logits (nf4 more than int8) but keeps them correlated with the exact model's.
+    correlation = torch.corrcoef(torch.stack([quantized.flatten(), exact.flatten()]))[0, 1]
+    assert correlation > (0.9 if quantization == "8bit" else 0.7)
