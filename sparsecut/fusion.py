@@ -84,6 +84,20 @@ class ImageTokenNorm(nn.Module):
         return x * self.weight
 
 
+def init_new_layers(module: nn.Module, std: float = 0.02) -> None:
+    """Start newly made fusion layers as LLaVA's projector and most transformers models start theirs: linear
+    weights ~ N(0, std) with zero biases, LayerNorms the identity. Done on construction: transformers 5 calls
+    `_init_weights` only on the leaf modules that own parameters, where a Linear cannot tell that it is new."""
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            nn.init.normal_(child.weight, std=std)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm):
+            nn.init.ones_(child.weight)
+            nn.init.zeros_(child.bias)
+
+
 class Projector(nn.Module):
     """LLaVA-1.5's connector: Linear -> GELU -> Linear into the LLM hidden size."""
 
@@ -93,6 +107,7 @@ class Projector(nn.Module):
         self.act = ACT2FN[act]
         self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
         self.output_norm = ImageTokenNorm(out_dim, output_scale) if output_scale is not None else None
+        init_new_layers(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear_2(self.act(self.linear_1(x)))
@@ -120,6 +135,7 @@ class CrossAttentionBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(d)
         self.pre_norm = config.fusion_residual
         self.side, self.grid = config.patches_per_side, config.high_res_grid
+        init_new_layers(self)
         if self.pre_norm:
             self.zero_output_layers()
 

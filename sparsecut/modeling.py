@@ -20,7 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .adapters import inject_lora
 from .configuration import SparseCutConfig
-from .fusion import CrossAttentionBlock, ImageTokenNorm, MultiGrainedFusion, Projector
+from .fusion import ImageTokenNorm, MultiGrainedFusion
 from .shortcuts import SparseShortcuts
 from .vision import encode_layers, stitch_overlapping_crops
 
@@ -80,17 +80,6 @@ class SparseCutPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, SparseShortcuts):
             nn.init.constant_(module.gate, self.config.shortcut_gate_init)
-        elif isinstance(module, (Projector, CrossAttentionBlock)):
-            for child in module.modules():
-                if isinstance(child, nn.Linear):
-                    nn.init.normal_(child.weight, std=0.02)
-                    if child.bias is not None:
-                        nn.init.zeros_(child.bias)
-                elif isinstance(child, nn.LayerNorm):
-                    nn.init.ones_(child.weight)
-                    nn.init.zeros_(child.bias)
-            if isinstance(module, CrossAttentionBlock) and module.pre_norm:
-                module.zero_output_layers()
         elif isinstance(module, ImageTokenNorm):
             nn.init.constant_(module.weight, module.initial_scale)
         elif isinstance(module, nn.LayerNorm) and module.weight is not None:

@@ -307,11 +307,20 @@ def test_image_token_scale_puts_image_tokens_at_the_embedding_scale(tmp_path):
     scale = float(embeddings.pow(2).mean().sqrt())
     assert model.config.image_token_scale == pytest.approx(scale, rel=1e-4)
     pixel_values = chat_inputs(processor)["pixel_values"]
+    norm, calls = model.fusion.projector.output_norm, []
+    hook = norm.register_forward_hook(lambda module, args, out: calls.append((args[0], out)))
     features = model.get_image_features(pixel_values)
+    hook.remove()
     for tokens in [features.inputs, *features.shortcuts]:  # (images, T, D): each image's tokens, per layer
         torch.testing.assert_close(tokens.mean(dim=1), torch.zeros_like(tokens.mean(dim=1)), rtol=0, atol=1e-5)
+    for x, tokens in calls:  # (layer-image pairs, T, D): the norm's input and output
         rms = tokens.pow(2).mean(dim=(1, 2)).sqrt()
-        torch.testing.assert_close(rms, torch.full_like(rms, scale), rtol=1e-3, atol=0)
+        # The scale, short only by the epsilon that keeps a constant image finite.
+        centred = (x - x.mean(dim=1, keepdim=True)).pow(2).mean(dim=(1, 2))
+        expected = scale * torch.sqrt(centred / (centred + norm.eps))
+        torch.testing.assert_close(rms, expected, rtol=1e-3, atol=0)
+        assert torch.all(expected > 0.9 * scale)
+    for tokens in [features.inputs, *features.shortcuts]:
         assert tokens.norm(dim=-1).std() > 0  # one scale per image, not per token
     # The gain is learned: a changed gain survives saving, and the scale is not re-applied on load.
     with torch.no_grad():
@@ -377,3 +386,13 @@ def test_overlapping_crops_need_an_even_number_of_patches_per_side():
         SparseCutConfig(
             vision_config=tiny_vision_config(image_size=24), text_config=tiny_text_config(), high_res_overlap=True
         )
+
+
+@pytest.mark.parametrize("fusion", ["concat_mlp", "cross_attention"])
+def test_a_new_fusion_starts_with_small_normal_weights_and_zero_biases(fusion):
+    model, _ = tiny_model(fusion=fusion)
+    linears = [m for m in model.fusion.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears
+    for linear in linears:
+        assert abs(float(linear.weight.std()) - 0.02) < 0.006, linear  # N(0, 0.02), not PyTorch's uniform default
+        assert linear.bias is None or not linear.bias.any()
