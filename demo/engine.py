@@ -233,7 +233,13 @@ class ChatEngine:
         A quantization that bitsandbytes cannot give here (the package is missing, or it cannot quantize on
         this device) falls back to no quantization with a logged warning and a line in `notices`, instead of
         failing: the demo still runs, at full precision."""
-        from sparsecut.build import DEFAULT_WEIGHTS, load_model, quantization_unavailable, resolve_device
+        from sparsecut.build import (
+            DEFAULT_WEIGHTS,
+            load_model,
+            quantization_unavailable,
+            resolve_checkpoint,
+            resolve_device,
+        )
 
         target = resolve_device(device)
         notices = []
@@ -252,7 +258,7 @@ class ChatEngine:
                 notices.append(f"{quantization} quantization was asked for, but {problem}: loading it unquantized.")
                 quantization = "none"
             loaded, processor = load_model(model, quantization=quantization, device=str(target))
-        world_check = None if model == TINY else WorldCheck.for_model(DEFAULT_WEIGHTS if model is None else model)
+        world_check = None if model == TINY else WorldCheck.for_model(resolve_checkpoint(model or DEFAULT_WEIGHTS))
         for notice in notices:
             logger.warning(notice)
         return cls(

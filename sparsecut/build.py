@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -263,6 +264,28 @@ def quantization_unavailable(quantization: str | None, device: torch.device) -> 
     return None
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # never pickles
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as it is, or a hub id ("owner/name") fetched with `huggingface_hub.snapshot_download`
+    (configs, tokenizer files and safetensors only; from the local cache when offline). A name that is neither
+    is returned as a path, for the caller's "not found" error."""
+    path = Path(name_or_path)
+    if path.exists() or not HUB_ID.match(str(name_or_path)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_FILES))
+    except Exception as error:  # offline, unknown repository, gated: say what was tried
+        raise FileNotFoundError(
+            f"{name_or_path} is not a local folder, and fetching it as a hub id failed ({type(error).__name__}: "
+            f"{error})."
+        ) from error
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
@@ -382,7 +405,7 @@ def _load(
 ) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
     target = resolve_device(device)  # argument errors first, before touching any file
     bnb = quantization_config(quantization, target)
-    path = Path(name_or_path) if name_or_path is not None else DEFAULT_WEIGHTS
+    path = resolve_checkpoint(name_or_path) if name_or_path is not None else DEFAULT_WEIGHTS
     if name_or_path is None and not is_checkpoint(path):
         raise FileNotFoundError(
             f"No default model in {path} yet. Train one (see README, `sparsecut train`), pass a checkpoint path, or "

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .build import check_loading_info
+from .build import check_loading_info, resolve_checkpoint
 from .configuration import FUSIONS, SparseCutConfig
 from .modeling import SparseCutForConditionalGeneration
 from .processing import SparseCutProcessor
@@ -45,7 +45,6 @@ KEY_MAP = (
 # layer is the source's `vision_feature_layer`, -2 in LLaVA-1.5).
 LLAVA_1_5 = {"fusion": "none", "high_res_grid": 1, "schedule": "none", "feature_layer": -2}
 # The files of a hub checkpoint that a conversion reads (never pickled weights).
-SOURCE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 BICUBIC = 3  # PIL's code for bicubic resampling, which SparseCut's processor uses
 
 
@@ -55,15 +54,6 @@ def sparsecut_key(key: str) -> str:
         if key.startswith(source):
             return target + key[len(source) :]
     raise KeyError(f"{key!r} is not a weight of a LlavaForConditionalGeneration checkpoint.")
-
-
-def resolve_source(source: str) -> Path:
-    """A local checkpoint folder as it is, or a hub id downloaded (configs, tokenizer and safetensors only)."""
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, allow_patterns=SOURCE_FILES))
 
 
 def sparsecut_config(
@@ -229,7 +219,7 @@ def convert(
     checkpoint in `out` that starts exactly equal to it; see the module docstring. high_res_grid defaults to 1 for
     fusion "none" (LLaVA-1.5) and 2 otherwise; schedule: "none", "uniform[:k]", "reversed[:k]". The weights keep
     their stored dtype."""
-    folder, out = resolve_source(source), Path(out)
+    folder, out = resolve_checkpoint(source), Path(out)
     llava_config = AutoConfig.from_pretrained(folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
     config = sparsecut_config(llava_config, fusion, high_res_grid, schedule, llava_processor.image_token)

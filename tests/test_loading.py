@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import sparsecut
 from sparsecut import build, load_model
+from sparsecut.build import HUB_FILES
 from sparsecut.testing import tiny_model, tiny_text_config, tiny_vision_config
 from sparsecut.tokenization import byte_tokenizer
 
@@ -225,3 +226,40 @@ def test_overlapping_crops_can_be_switched_on_when_loading(tmp_path):
     with pytest.raises(ValueError, match="even number of patches per side"):
         sparsecut.set_high_res_overlap(odd, odd_processor, True)
     assert not odd.config.high_res_overlap and odd_processor.num_views == 5
+
+
+def test_a_hub_id_is_fetched_as_safetensors_and_a_local_folder_of_that_name_wins(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    model, processor = tiny_model()
+    model.save_pretrained(tmp_path / "fetched")
+    processor.save_pretrained(tmp_path / "fetched")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path / "fetched")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded, _ = load_model("someone/tiny-sparsecut", device="cpu")
+    assert asked == [("someone/tiny-sparsecut", HUB_FILES)]
+    assert not any(pattern.endswith((".bin", ".pt", ".pth", ".pkl")) for pattern in HUB_FILES)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], weight), name
+    # A local folder with a hub id's shape is read as it is, without asking the hub.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone").mkdir()
+    (tmp_path / "fetched").rename(tmp_path / "someone" / "tiny-sparsecut")
+    load_model("someone/tiny-sparsecut", device="cpu")
+    assert len(asked) == 1
+
+
+def test_a_hub_id_that_cannot_be_fetched_says_what_was_tried(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **kwargs):
+        raise OSError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="not a local folder, and fetching it as a hub id failed.*no conn"):
+        load_model("someone/missing", device="cpu")
