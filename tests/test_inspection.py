@@ -448,7 +448,7 @@ def test_quantization_without_bitsandbytes_falls_back_to_none_with_a_notice(chec
     )
     with caplog.at_level(logging.WARNING, logger=engine_module.logger.name):
         loaded = ChatEngine.load(str(checkpoint), quantization="4bit", device="cpu", max_new_tokens=4)
-    assert loaded.quantization == "none" and "none quantization" in loaded.describe()
+    assert loaded.quantization == "none" and "unquantized" in loaded.describe()
     assert len(loaded.notices) == 1 and "4bit" in loaded.notices[0] and "not installed" in loaded.notices[0]
     assert loaded.notices[0] in caplog.messages
     assert not any("bitsandbytes" in type(m).__module__ for m in loaded.model.modules())  # plain nn.Linear layers
