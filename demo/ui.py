@@ -20,7 +20,8 @@ import numpy as np
 from demo.engine import ChatEngine, ChatSession, GenerationSettings
 from demo.examples import EXAMPLES_DIR, Example
 from demo.hosting import gpu
-from sparsecut.inspection import NO_IMAGE, VIEW_SIZE, Visuals, patch_at, render_visuals
+from sparsecut.inspection import VIEW_SIZE, Visuals, patch_at, render_visuals
+from sparsecut.inspection.visuals import NO_IMAGE
 
 MAX_QUEUE = 32  # requests waiting beyond this are turned away with "queue full"
 MAX_UPLOAD = "10mb"
@@ -103,17 +104,13 @@ def _map(label: str, elem_id: str, height: int = VIEW_SIZE) -> gr.Image:
     return gr.Image(label=label, show_label=False, format="png", interactive=False, height=height, elem_id=elem_id)
 
 
-FUSION_TAB = {
-    "cross_attention": "Fusion: where it looked (attention)",
-    "concat_mlp": "Fusion: what it mixes",
-    "none": "Fusion (none)",
-}
+FUSION_TAB = {"cross_attention": "Fusion: attention", "concat_mlp": "Fusion: mixing", "none": "Fusion: none"}
 
 
 def _panel_tabs(engine: ChatEngine) -> SimpleNamespace:
     """The tabs beside the chat: where the answer came from, shortcuts, fusion, shortcut switches, cost."""
     labels, fused, side = engine.shortcut_labels, engine.fused_layers, engine.config.patches_per_side
-    with gr.Tab("Where the answer came from"):
+    with gr.Tab("Where the answer came from", elem_id="relevance-panel"):
         gr.Markdown(
             "Which parts of the picture the answer rests on, drawn over the picture as the model sees it "
             "(padded to a square)."
@@ -149,7 +146,7 @@ def _panel_tabs(engine: ChatEngine) -> SimpleNamespace:
             row = gr.Slider(0, side - 1, value=0, step=1, label="Patch row", elem_id="patch-row")
             col = gr.Slider(0, side - 1, value=0, step=1, label="Patch column", elem_id="patch-col")
         fusion_note = gr.Markdown(START)
-    with gr.Tab("Shortcut switches"):
+    with gr.Tab("Switches"):
         gr.Markdown(
             "Make each shortcut weaker or stronger (0 switches it off, 1 is as trained) and answer the latest "
             "question again, to see what each shortcut is needed for."
