@@ -285,17 +285,6 @@ def stopped(state: ChatSession) -> tuple:
     return state.transcript(), _textbox(busy=False, value=None), *_blank_panels(STOPPED)
 
 
-def visualize(
-    state: ChatSession, shortcut: float, vision_layer: float, row: float, col: float
-) -> tuple[np.ndarray | None, ...]:
-    """The pictures behind the latest answer in this chat: the shortcut chart, the chosen shortcut's
-    map, the fused layer's attention map, the low-res patch (row, col)'s attention map, and a JSON of
-    the numbers."""
-    visuals = render_visuals(state.last_answer, int(shortcut), int(vision_layer), int(row), int(col))
-    info = {**visuals.summary, "notes": [visuals.shortcut_note, visuals.fusion_note]}
-    return visuals.chart, visuals.shortcut_map, visuals.fusion_map, visuals.query_map, info
-
-
 def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
     """The events that use `engine`: those that run the model (each under `gpu`), and those that need its shape."""
     side = engine.config.patches_per_side
@@ -335,6 +324,19 @@ def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
                 yield comparison.original, comparison.modified, comparison.markdown()
 
     @gpu
+    def visualize(
+        state: ChatSession, shortcut: float, vision_layer: float, row: float, col: float
+    ) -> tuple[np.ndarray | None, ...]:
+        """The pictures behind the latest answer in this chat: the shortcut chart, the chosen shortcut's
+        map, the fused layer's attention map, the low-res patch (row, col)'s map, and a JSON of the numbers, with
+        the relevance of each image token and high-res token to the whole answer (one more pass, once)."""
+        answer = state.last_answer
+        relevance = None if answer is None else engine.relevance(answer)
+        visuals = render_visuals(answer, int(shortcut), int(vision_layer), int(row), int(col), relevance)
+        info = {**visuals.summary, "notes": [visuals.relevance_note, visuals.shortcut_note, visuals.fusion_note]}
+        return visuals.chart, visuals.shortcut_map, visuals.fusion_map, visuals.query_map, info
+
+    @gpu
     def chat(message: dict, state: ChatSession, max_new_tokens: float, temperature: float, top_p: float):
         """Ask a question (`message` = {"text": ..., "files": [image]}); streams the reply. Follow-ups in the
         same client session keep the conversation; a new image starts a new image context."""
@@ -349,6 +351,7 @@ def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
         clear=clear,
         select_patch=select_patch,
         choose_token=choose_token,
+        visualize=visualize,
         compare=compare,
         chat=chat,
     )
@@ -409,7 +412,14 @@ def _wire_api(api: SimpleNamespace, chat: SimpleNamespace, handlers: SimpleNames
         concurrency_id=MODEL_EVENTS,
         concurrency_limit=1,
     )
-    api.visualize_button.click(visualize, [session, *api.inputs], api.outputs, api_name="visualize")
+    api.visualize_button.click(
+        handlers.visualize,
+        [session, *api.inputs],
+        api.outputs,
+        api_name="visualize",
+        concurrency_id=MODEL_EVENTS,
+        concurrency_limit=1,
+    )
 
 
 def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Blocks:

@@ -155,6 +155,9 @@ def test_visualize_returns_pictures_of_the_latest_answer(url):
         assert np.asarray(Image.open(path)).std() > 1  # not a constant picture
     assert info["selected_shortcut"] == 1 and info["patch"] == [2, 3] and len(info["shortcuts"]) == 3
     assert info["cost"]["image_tokens"] == 16
+    side = 4  # the tiny model's low-res patches per side
+    assert np.asarray(info["relevance"]["image_tokens"]).shape == (side, side)
+    assert np.asarray(info["relevance"]["high_res_tokens"]).shape == (2 * side, 2 * side)
 
 
 def test_a_bad_image_gives_a_clear_message(url, tmp_path):

@@ -65,6 +65,8 @@ def test_upload_ask_and_see_the_answer_and_plots():
             chat = page.locator("#chat")
             chat.get_by_text(example.question).wait_for()
             chat.locator("img").first.wait_for()  # the uploaded image shows in the user's message
+            page.locator("#relevance img").wait_for()  # the first tab: where the answer came from
+            page.get_by_role("tab", name="Shortcuts").click()
             page.locator("#chart img").wait_for()
             page.locator("#shortcut-map img").wait_for()
             answer = chat.locator("[data-testid='bot']").last.inner_text()
