@@ -101,7 +101,9 @@ def _chat_column(engine: ChatEngine, examples: Sequence[Example]) -> SimpleNames
 def _map(label: str, elem_id: str, height: int = VIEW_SIZE) -> gr.Image:
     """A picture drawn over the image the model saw; its title is in the text above it (a label would hide the
     top-left patch)."""
-    return gr.Image(label=label, show_label=False, format="png", interactive=False, height=height, elem_id=elem_id)
+    return gr.Image(
+        label=label, show_label=False, format="png", interactive=False, height=height, elem_id=elem_id, buttons=[]
+    )
 
 
 FUSION_TAB = {"cross_attention": "Fusion: attention", "concat_mlp": "Fusion: mixing", "none": "Fusion: none"}

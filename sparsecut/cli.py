@@ -234,10 +234,21 @@ def pointing(
         device=device,
         quantization=quantization,
         seed=seed,
-        command=shlex.join(["sparsecut", *sys.argv[1:]]),
+        command=shlex.join(
+            ["sparsecut", "pointing", *_flags(model, data, generate, per_family, families, quantization)]
+        ),
     )
     print(to_markdown(summary))
     return summary
+
+
+def _flags(model, data, generate, per_family, families, quantization) -> list[str]:
+    """The arguments of a `sparsecut pointing` command that differ from the defaults (the output folder aside)."""
+    flags = [model] if model else []
+    flags += ["--data", data] if data else ["--generate", str(generate)]
+    flags += ["--per-family", str(per_family)] if data and per_family != 70 else []
+    flags += ["--families", *families] if families else []
+    return flags + (["--quantization", quantization] if quantization else [])
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
