@@ -224,7 +224,13 @@ def show_panels(state: ChatSession, k: int | None, vision_layer: int, r: float, 
     is left as it is."""
     answer = state.last_answer
     if answer is None:
-        return _blank_panels(START if not state.turns else NO_IMAGE)[:-1] + (gr.skip(),)
+        if not state.turns:
+            note = START
+        elif state.turns[-1].status == "failed":
+            note = "_The latest question got no answer, so there is nothing to show._"
+        else:
+            note = NO_IMAGE
+        return _blank_panels(note)[:-1] + (gr.skip(),)
     relevance = answer.relevance.get(_token(token))
     visuals: Visuals = render_visuals(answer, k or 0, vision_layer, int(r), int(c), relevance)
     return (

@@ -308,8 +308,8 @@ def _relevance_visuals(visuals: Visuals, relevance: Relevance | None, view: Imag
         "**How to read this:** bright patches are the parts of the picture the answer rests on: changing them "
         "would change how sure the model is of its answer the most (either way); dark ones hardly matter. Left: "
         "the image tokens the language model reads (with the shortcuts added at them); right: the finer "
-        "high-res tokens fused into them. Checked by pointing: on held-out questions about one object the "
-        "brightest image token lies on that object (benchmarks/results/pointing/pointing.md). "
+        "high-res tokens fused into them. How often the brightest patch lies on the object a question is about: "
+        "`sparsecut pointing` (benchmarks/results/pointing/pointing.md). "
         f"<sub>|gradient × input| of log p(answer) = {float(relevance.logprob[0]):.2f}; brightest image token: "
         f"row {peak[0]}, column {peak[1]}</sub>"
     )
