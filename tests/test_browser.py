@@ -157,6 +157,12 @@ def test_an_example_the_relevance_panel_stop_and_clear_leave_the_page_in_clear_s
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "relevance.png"), full_page=True)
 
+            # One answer token instead of the whole answer: the maps are worked out again and change.
+            whole = page.locator("#relevance img").get_attribute("src")
+            page.get_by_label("For which part of the answer").click()
+            page.get_by_role("option", name="token 1: 't'").click()
+            sync_api.expect(page.locator("#relevance img")).not_to_have_attribute("src", whole)
+
             # Stop: the stopped turn stays in the chat, the textbox is empty, the panels say it was stopped.
             ran: dict = {}
             engine.model.generate = endless_generate(engine, ran, delay=0.05)
