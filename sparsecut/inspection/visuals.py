@@ -406,7 +406,8 @@ def _contribution_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Im
     visuals.fusion_note = (
         "**This model's fusion does not attend anywhere:** it glues each image token to the "
         f"{grid * grid} high-res tokens of its own patch and mixes them with a small network; the maps show how "
-        "big a part of that mix each high-res token is (bright: a large part). Click a patch to see its "
+        "big a part of that mix each high-res token is (bright: a large part). This is how the fusion mixes, not "
+        "where the answer came from (see that tab). Click a patch to see its "
         f"{grid}x{grid} high-res tokens close up: patch (row {row}, column {col}) takes {patch[0]:.0%} from its "
         f"own low-res token and {neighbours} from its high-res tokens. <sub>concat-MLP: each input's share of "
         f"the first projector layer's pre-activation norm; vision layer {stats.fused_layers[slot]}</sub>"
