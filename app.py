@@ -43,8 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def quiet_unused_kernels_advice(quantization: str | None) -> None:
+    """bitsandbytes, imported by peft whenever it is installed, advises installing `kernels` for its CPU 4-bit
+    matmuls; say nothing of it unless 4-bit is what runs."""
+    if quantization != "4bit":
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet_unused_kernels_advice(args.quantization)
     ensure_base_llm()
     # Imported here, after `demo.hosting` and the arguments: torch and Gradio take seconds to import.
     from demo.engine import ChatEngine
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                 "app.py: pass --model PATH for a checkpoint, or --model tiny for a tiny random model.", file=sys.stderr
             )
         raise SystemExit(1) from None
-    print(f"Loaded in {time.perf_counter() - started:.1f} s: {engine.describe()}", flush=True)
+    print(f"Loaded in {time.perf_counter() - started:.1f} s: {engine.describe(markdown=False)}", flush=True)
     for notice in engine.notices:  # also logged; printed so it shows without logging set up
         print(f"app.py: note: {notice}", file=sys.stderr, flush=True)
     launch(build_demo(engine, load_examples()), host=args.host, port=args.port, share=args.share)

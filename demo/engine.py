@@ -30,7 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from sparsecut.data.images import InvalidInputError, load_image
 from sparsecut.evaluation.world_check import WorldCheck
-from sparsecut.inspection import shortcut_label
+from sparsecut.inspection import Relevance, relevance_of_answer, shortcut_label
 from sparsecut.modeling import ShortcutStats, SparseCutForConditionalGeneration
 from sparsecut.processing import SparseCutProcessor
 from sparsecut.utils import PeakMemory, markdown_table, release_memory
@@ -127,7 +127,13 @@ class Cost:
                 ["device", self.device],
             ],
         )
-        return tokens + "\n\n" + measured
+        why = (
+            f"SparseCut adds the high-res detail *into* the {self.image_tokens} image tokens the LLM already has "
+            "(shortcuts add to hidden states, they add no tokens), so the LLM reads as many tokens as LLaVA-1.5; "
+            f"appending the high-res tokens instead would make it {self.appended_input_tokens} tokens, and every "
+            "answer token would attend to all of them."
+        )
+        return why + "\n\n" + tokens + "\n\n" + measured
 
 
 @dataclass
@@ -141,6 +147,7 @@ class Answer:
     stats: ShortcutStats | None  # from the generate prefill; None for a text-only prompt
     cost: Cost
     view: Image.Image | None  # the padded square image the model saw, for overlays
+    relevance: dict = field(default_factory=dict)  # answer token (None: all) -> `Relevance`, as worked out
 
 
 @dataclass
@@ -290,14 +297,17 @@ class ChatEngine:
     def fused_layers(self) -> list[int]:
         return list(self.config.fused_vision_layers)
 
-    def describe(self) -> str:
-        """A one-paragraph markdown summary of the model."""
+    def describe(self, markdown: bool = True) -> str:
+        """A one-paragraph summary of the model, in markdown or (for a terminal) plain text."""
         config = self.config
+        bold = (lambda text: f"**{text}**") if markdown else (lambda text: text)
+        fusion = {"concat_mlp": "concat-MLP", "cross_attention": "cross-attention", "none": "no"}[config.fusion]
+        precision = "unquantized" if self.quantization == "none" else f"{self.quantization} quantized"
         return (
-            f"**{config.vision_config.model_type}** encoder ({config.vision_depth} layers, {config.image_size} px) + "
-            f"**{config.text_config.model_type}** LLM ({config.llm_depth} layers); fusion **{config.fusion}** with "
-            f"a {config.high_res_grid}x{config.high_res_grid} high-res grid; **{config.num_shortcuts}** shortcuts; "
-            f"{config.num_image_tokens} image tokens per image; {self.quantization} quantization on {self.device}."
+            f"{bold(config.vision_config.model_type)} encoder ({config.vision_depth} layers, {config.image_size} px) + "
+            f"{bold(config.text_config.model_type)} LLM ({config.llm_depth} layers); {fusion} fusion of "
+            f"a {config.high_res_grid}x{config.high_res_grid} high-res grid; {bold(config.num_shortcuts)} shortcuts; "
+            f"{config.num_image_tokens} image tokens per image; {precision}, on {self.device}."
         )
 
     # --- prompts -------------------------------------------------------------------------------------------
@@ -458,6 +468,26 @@ class ChatEngine:
             appended_input_tokens=text_tokens + n_images * (1 + config.high_res_grid**2) * low_res,
         )
 
+    def relevance(self, answer: Answer, token: int | None = None) -> Relevance | None:
+        """Where `answer` came from in its image (`sparsecut.inspection.relevance`): of the whole answer, or of
+        its `token`-th generated token. One extra forward and backward pass, once per answer and token (kept on
+        the answer); None without an image or an answer."""
+        ids = (
+            answer.token_ids[:-1]
+            if answer.token_ids[-1:] == [self.processor.tokenizer.eos_token_id]
+            else answer.token_ids
+        )
+        if answer.stats is None or not ids or (token is not None and token >= len(ids)):
+            return None
+        if token not in answer.relevance:
+            answer.relevance[token] = relevance_of_answer(self.model, answer.prompt.inputs, ids, token)
+        return answer.relevance[token]
+
+    def answer_tokens(self, answer: Answer) -> list[str]:
+        """The answer's generated tokens as text, one string each (EOS left out)."""
+        eos = self.processor.tokenizer.eos_token_id
+        return [self.processor.tokenizer.decode([t]) for t in answer.token_ids if t != eos]
+
     def answer_logprob(self, answer: Answer, scales: Sequence[float] | None = None) -> float:
         """Sum of the log-probabilities of the answer's tokens given its prompt, teacher-forced, with the
         shortcuts scaled by `scales` (None: as trained)."""
@@ -566,9 +596,11 @@ class Comparison:
             return "_Generating with the new scales…_"
         change = self.modified_logprob - self.original_logprob
         return (
-            f"log p(original answer) = **{self.original_logprob:.3f}** with the trained shortcuts, "
-            f"**{self.modified_logprob:.3f}** with scales {format_scales(self.scales)}: "
-            f"change **{change:+.3f}** nats over {self.tokens} tokens (teacher-forced)."
+            f"How likely the model finds its original answer: **{self.original_logprob:.3f}** with the trained "
+            f"shortcuts, **{self.modified_logprob:.3f}** with scales {format_scales(self.scales)}, a change of "
+            f"**{change:+.3f}** (closer to 0 is more likely; below 0 the new scales make the original answer less "
+            f"likely). <sub>log-probability in nats, summed over its {self.tokens} tokens, each scored after the "
+            "original answer's earlier tokens (teacher forcing)</sub>"
         )
 
 
@@ -677,7 +709,8 @@ class ChatSession:
         content is its image file (as {"path": ...}) and its text."""
         messages = []
         for turn in self.turns:
-            shown = turn.attachment is not None and turn.image is not None
+            # While the answer is pending the image may still be loading; show it unless it failed to load.
+            shown = turn.attachment is not None and (turn.image is not None or turn.status == "pending")
             content: list = [{"path": turn.attachment}] if shown else []
             if turn.question:
                 content.append(turn.question)

@@ -3,8 +3,9 @@
 python -m demo.screenshot                       # the default model in weights/, the "pattern" example
 python -m demo.screenshot --model tiny --example colour --out /tmp/shot.png
 
-Serves the demo on loopback, uploads an example scene, asks its question, waits for the streamed answer and the
-shortcut plots, and saves a screenshot of the page. Needs Playwright for Python and Debian's chromium.
+Serves the demo on loopback, clicks an example (its scene and question), sends it, waits for the streamed answer
+and the "Where the answer came from" maps, and saves a screenshot of the page. Needs Playwright for Python and
+Debian's chromium.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def take(model: str | None, example_family: str, out: Path, timeout_s: float = 3
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(timeout_s * 1000)
             page.goto(url)
-            page.locator("input[data-testid='file-upload']").set_input_files(str(example.image))
+            page.get_by_text(f"{example.question} (expected: {example.answer})").click()
             question = page.get_by_placeholder("Attach an image")
-            question.fill(example.question)
+            expect(question).to_have_value(example.question)
             question.press("Enter")
-            page.locator("#chart img").wait_for()
-            page.locator("#shortcut-map img").wait_for()
             expect(question).to_be_editable(timeout=timeout_s * 1000)  # the answer has finished streaming
+            page.locator("#relevance img").wait_for()
+            page.get_by_text("How to read this").wait_for()
             answer = page.locator("#chat [data-testid='bot']").last.inner_text()
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)

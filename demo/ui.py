@@ -20,17 +20,19 @@ import numpy as np
 from demo.engine import ChatEngine, ChatSession, GenerationSettings
 from demo.examples import EXAMPLES_DIR, Example
 from demo.hosting import gpu
-from sparsecut.inspection import VIEW_SIZE, patch_at, render_visuals
+from sparsecut.inspection import VIEW_SIZE, Visuals, patch_at, render_visuals
+from sparsecut.inspection.visuals import NO_IMAGE
 
 MAX_QUEUE = 32  # requests waiting beyond this are turned away with "queue full"
 MAX_UPLOAD = "10mb"
 MODEL_EVENTS = "model"  # concurrency id shared by every event that runs the model: one generation at a time
 
 HEADER = """# SparseCut: sparse shortcuts, looked into
-Ask about an image. Beside each answer: how much each **shortcut** (vision layer → LLM layer) changed the LLM's
-hidden states at the image tokens, where the **multi-grained fusion** looked in the high-res image, what happens
-with shortcuts **switched off**, and what the answer **cost** against the LLaVA-style and high-res-appended
-alternatives. All panels come from the forward pass that produced the answer."""
+Ask about an image. Beside each answer: **where in the image the answer came from**, how much each **shortcut**
+(a vision layer fed into a layer of the language model) changed what the language model holds at the image,
+what the **fusion** of the low- and high-res views does, what happens with shortcuts **switched off**, and what
+the answer **cost** against LLaVA-1.5 and against appending the high-res tokens. The panels come from the pass
+that produced the answer (where it came from: from one more pass, run once the answer is complete)."""
 
 
 def _message_parts(message: dict | None) -> tuple[str, str | None]:
@@ -53,8 +55,20 @@ def _textbox(busy: bool, **update) -> gr.MultimodalTextbox:
     return gr.MultimodalTextbox(interactive=True, submit_btn=True, stop_btn=False, **update)
 
 
-PANELS = 8  # chart, shortcut map, shortcut note, fusion gallery, query map, fusion note, cost, original answer
-BUSY_PANELS = (None, None, "", [], None, "", "_Answering…_", "")  # what they show while an answer streams
+WHOLE_ANSWER = -1  # the token choice that scores every token of the answer
+START = "_Ask a question about an image: this panel then shows the answer's numbers and pictures._"
+STOPPED = "_The answer was stopped before it finished, so there is nothing to show for it. Ask again to see it._"
+BUSY = "_Answering…_"
+
+
+def _blank_panels(note: str) -> tuple:
+    """The panels with nothing to show, and `note` where words go: the start state, while answering, stopped."""
+    return (None, note, None, None, note, None, None, None, note, note, "", _token_choices([]))
+
+
+def _token_choices(tokens: Sequence[str]) -> gr.Dropdown:
+    choices = [("the whole answer", WHOLE_ANSWER)] + [(f"token {i + 1}: {t!r}", i) for i, t in enumerate(tokens)]
+    return gr.Dropdown(choices=choices, value=WHOLE_ANSWER)
 
 
 # --- layout -------------------------------------------------------------------------------------------------
@@ -72,7 +86,8 @@ def _chat_column(engine: ChatEngine, examples: Sequence[Example]) -> SimpleNames
         gr.Examples(
             examples=[[{"text": e.question, "files": [str(e.image)]}] for e in examples],
             inputs=[textbox],
-            label="ShapesWorld examples",
+            example_labels=[f"{e.question} (expected: {e.answer})" for e in examples],
+            label="ShapesWorld examples: click one to put its picture and question in the box, then press Enter",
         )
     with gr.Accordion("Generation settings", open=False):
         max_new_tokens = gr.Slider(
@@ -83,43 +98,61 @@ def _chat_column(engine: ChatEngine, examples: Sequence[Example]) -> SimpleNames
     return SimpleNamespace(chatbot=chatbot, textbox=textbox, settings=[max_new_tokens, temperature, top_p])
 
 
-def _map(label: str, elem_id: str) -> gr.Image:
-    """A picture drawn over the image the model saw (VIEW_SIZE x VIEW_SIZE)."""
-    return gr.Image(label=label, format="png", interactive=False, height=VIEW_SIZE, elem_id=elem_id)
+def _map(label: str, elem_id: str, height: int = VIEW_SIZE) -> gr.Image:
+    """A picture drawn over the image the model saw; its title is in the text above it (a label would hide the
+    top-left patch)."""
+    return gr.Image(
+        label=label, show_label=False, format="png", interactive=False, height=height, elem_id=elem_id, buttons=[]
+    )
+
+
+FUSION_TAB = {"cross_attention": "Fusion: attention", "concat_mlp": "Fusion: mixing", "none": "Fusion: none"}
 
 
 def _panel_tabs(engine: ChatEngine) -> SimpleNamespace:
-    """The tabs beside the chat: shortcut contributions, multi-grained attention, shortcut switches, cost."""
+    """The tabs beside the chat: where the answer came from, shortcuts, fusion, shortcut switches, cost."""
     labels, fused, side = engine.shortcut_labels, engine.fused_layers, engine.config.patches_per_side
-    with gr.Tab("Shortcut contributions"):
+    with gr.Tab("Where the answer came from", elem_id="relevance-panel"):
+        gr.Markdown(
+            "Which parts of the picture the answer rests on, drawn over the picture as the model sees it "
+            "(padded to a square)."
+        )
+        token = gr.Dropdown(
+            choices=[("the whole answer", WHOLE_ANSWER)], value=WHOLE_ANSWER, label="For which part of the answer"
+        )
+        relevance_row = _map("Relevance maps", "relevance", height=VIEW_SIZE // 2 + 130)
+        relevance_note = gr.Markdown(START)
+    with gr.Tab("Shortcuts"):
         chart = gr.Image(label="Shortcut chart", show_label=False, format="png", interactive=False, elem_id="chart")
+        gr.Markdown(
+            "Each bar: how much one shortcut changes what the language model holds at the image, on average "
+            "(0: nothing; 1: as large as what is already there). <sub>mean ‖added‖ / ‖hidden‖ at image tokens</sub>"
+        )
         shortcut = gr.Dropdown(
             choices=list(zip(labels, range(len(labels)))),
             value=0 if labels else None,
             label="Shortcut to map over the image",
         )
         shortcut_map = _map("|added| / |hidden| per image patch", "shortcut-map")
-        shortcut_note = gr.Markdown()
-    with gr.Tab("Multi-grained attention"):
-        gallery = gr.Gallery(
-            label="Attention received per high-res token, one map per fused vision layer",
-            columns=4,
-            height=280,
-            object_fit="contain",
-            format="png",
-        )
+        shortcut_note = gr.Markdown(START)
+    with gr.Tab(FUSION_TAB[engine.config.fusion]):
+        fusion_row = _map("One map per fused vision layer", "fusion-row", height=VIEW_SIZE // 2 + 60)
         layer = gr.Dropdown(
             choices=[(f"vision layer {v}", v) for v in fused], value=fused[-1], label="Fused vision layer"
         )
-        query_map = _map(
-            "Attention of one low-res patch over the high-res image (click to choose the patch)", "query-map"
-        )
+        gr.Markdown("**Click a patch** on the left map; the right one shows what that patch takes in.")
+        with gr.Row():
+            picker = _map("The chosen layer's map (click a patch)", "patch-picker", height=VIEW_SIZE // 2 + 60)
+            query_map = _map("What the chosen patch takes in", "query-map", height=VIEW_SIZE // 2 + 60)
         with gr.Row():
             row = gr.Slider(0, side - 1, value=0, step=1, label="Patch row", elem_id="patch-row")
             col = gr.Slider(0, side - 1, value=0, step=1, label="Patch column", elem_id="patch-col")
-        fusion_note = gr.Markdown()
-    with gr.Tab("Shortcut switches"):
-        gr.Markdown("Scale each shortcut (0 switches it off) and regenerate the latest answer.")
+        fusion_note = gr.Markdown(START)
+    with gr.Tab("Switches"):
+        gr.Markdown(
+            "Make each shortcut weaker or stronger (0 switches it off, 1 is as trained) and answer the latest "
+            "question again, to see what each shortcut is needed for."
+        )
         scales = [gr.Slider(0, 2, value=1, step=0.05, label=label) for label in labels]
         with gr.Row():
             compare_button = gr.Button("Regenerate with these scales", variant="primary")
@@ -129,13 +162,14 @@ def _panel_tabs(engine: ChatEngine) -> SimpleNamespace:
             modified = gr.Textbox(label="Answer (these scales)", lines=4, interactive=False)
         logprob = gr.Markdown()
     with gr.Tab("Cost"):
-        cost = gr.Markdown("_No answer yet._")
+        cost = gr.Markdown(START, elem_id="cost")
     return SimpleNamespace(
         shortcut=shortcut,
         layer=layer,
         row=row,
         col=col,
-        gallery=gallery,
+        token=token,
+        picker=picker,
         query_map=query_map,
         scales=scales,
         compare_button=compare_button,
@@ -143,8 +177,21 @@ def _panel_tabs(engine: ChatEngine) -> SimpleNamespace:
         original=original,
         modified=modified,
         logprob=logprob,
-        selection=[shortcut, layer, row, col],
-        outputs=[chart, shortcut_map, shortcut_note, gallery, query_map, fusion_note, cost, original],  # PANELS
+        selection=[shortcut, layer, row, col, token],
+        outputs=[
+            relevance_row,
+            relevance_note,
+            chart,
+            shortcut_map,
+            shortcut_note,
+            fusion_row,
+            picker,
+            query_map,
+            fusion_note,
+            cost,
+            original,
+            token,
+        ],  # as `_blank_panels` and `show_panels` return them
     )
 
 
@@ -168,77 +215,112 @@ def _api_components(engine: ChatEngine) -> SimpleNamespace:
 
 
 # --- what the events do -------------------------------------------------------------------------------------
-def show_panels(state: ChatSession, k: int | None, vision_layer: int, r: float, c: float) -> tuple:
-    visuals = render_visuals(state.last_answer, k or 0, vision_layer, int(r), int(c))
+def _token(choice) -> int | None:
+    return None if choice is None or int(choice) == WHOLE_ANSWER else int(choice)
+
+
+def show_panels(state: ChatSession, k: int | None, vision_layer: int, r: float, c: float, token=WHOLE_ANSWER) -> tuple:
+    """The panels for the latest answer (its relevance as far as it has been worked out); the token choice
+    is left as it is."""
     answer = state.last_answer
+    if answer is None:
+        if not state.turns:
+            note = START
+        elif state.turns[-1].status == "failed":
+            note = "_The latest question got no answer, so there is nothing to show._"
+        else:
+            note = NO_IMAGE
+        return _blank_panels(note)[:-1] + (gr.skip(),)
+    relevance = answer.relevance.get(_token(token))
+    visuals: Visuals = render_visuals(answer, k or 0, vision_layer, int(r), int(c), relevance)
     return (
+        visuals.relevance_row,
+        visuals.relevance_note,
         visuals.chart,
-        visuals.shortcut_map,
+        visuals.shortcut_panel,
         visuals.shortcut_note,
-        [(picture, f"vision layer {v}") for v, picture in visuals.fusion_maps],
-        visuals.query_map,
+        visuals.fusion_row,
+        visuals.patch_picker,
+        visuals.query_panel,
         visuals.fusion_note,
-        answer.cost.markdown() if answer is not None else "_The latest answer had no image._",
-        answer.text if answer is not None else "",
+        answer.cost.markdown(),
+        answer.text,
+        gr.skip(),
     )
 
 
-def stream_turns(state: ChatSession, turns: Iterator, k, vision_layer, r, c) -> Iterator[tuple]:
+def stream_turns(
+    engine: ChatEngine, state: ChatSession, turns: Iterator, k, vision_layer, r, c, token
+) -> Iterator[tuple]:
     skip = tuple(gr.skip() for _ in range(PANELS))
     with closing(turns):  # closing it on stop stops generate
         for index, _ in enumerate(turns):
-            yield state.transcript(), state, *(BUSY_PANELS if index == 0 else skip)
+            yield state.transcript(), state, *(_blank_panels(BUSY) if index == 0 else skip)
+    answer = state.last_answer
+    if answer is None:
+        yield state.transcript(), state, *show_panels(state, k, vision_layer, r, c)
+        return
+    tokens = _token_choices(engine.answer_tokens(answer))
+    yield state.transcript(), state, *show_panels(state, k, vision_layer, r, c)[:-1], tokens
+    engine.relevance(answer)  # one more pass: where the whole answer came from
     yield state.transcript(), state, *show_panels(state, k, vision_layer, r, c)
+
+
+PANELS = 12  # the length of `_blank_panels` and `show_panels`
 
 
 def take_message(message: dict, state: ChatSession) -> tuple:
     text, path = _message_parts(message)
     shown = ([{"path": path}] if path else []) + ([text] if text else [])
     preview = [*state.transcript(), {"role": "user", "content": shown}]
-    return message, _textbox(busy=True), preview
+    pending = {**(message or {}), "turns_before": len(state.turns)}  # to tell a refused request from a stopped one
+    return pending, _textbox(busy=True), preview
 
 
 def give_back(message: dict | None, state: ChatSession) -> tuple:
-    """The request never ran (Gradio refused it: the queue was full): the question goes back in the
-    textbox and the chat drops its preview; the page shows Gradio's "busy" message."""
-    return state.transcript(), _textbox(busy=False, **({"value": message} if message else {}))
+    """The request did not finish. If it never ran (Gradio refused it: the queue was full), the question goes
+    back in the textbox and the chat drops its preview; the page shows Gradio's "busy" message. If it ran and
+    was stopped, the textbox stays empty: the stopped turn is in the chat."""
+    ran = message is not None and len(state.turns) > message.get("turns_before", len(state.turns))
+    if message is None or ran:
+        return state.transcript(), _textbox(busy=False)
+    question = {key: value for key, value in message.items() if key != "turns_before"}
+    return state.transcript(), _textbox(busy=False, value=question)
 
 
-def visualize(
-    state: ChatSession, shortcut: float, vision_layer: float, row: float, col: float
-) -> tuple[np.ndarray | None, ...]:
-    """The pictures behind the latest answer in this chat: the shortcut chart, the chosen shortcut's
-    map, the fused layer's attention map, the low-res patch (row, col)'s attention map, and a JSON of
-    the numbers."""
-    visuals = render_visuals(state.last_answer, int(shortcut), int(vision_layer), int(row), int(col))
-    info = {**visuals.summary, "notes": [visuals.shortcut_note, visuals.fusion_note]}
-    return visuals.chart, visuals.shortcut_map, visuals.fusion_map, visuals.query_map, info
+def stopped(state: ChatSession) -> tuple:
+    """After stop: the chat with the stopped turn, an empty textbox, and panels that say it was stopped."""
+    return state.transcript(), _textbox(busy=False, value=None), *_blank_panels(STOPPED)
 
 
 def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
     """The events that use `engine`: those that run the model (each under `gpu`), and those that need its shape."""
-    fused, side = engine.fused_layers, engine.config.patches_per_side
+    side = engine.config.patches_per_side
 
     @gpu
-    def respond(message: dict, state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c):
+    def respond(message: dict, state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c, token):
         text, path = _message_parts(message)
         turns = state.ask(engine, text, path, _settings(n, t, p))
-        yield from stream_turns(state, turns, k, vision_layer, r, c)
+        yield from stream_turns(engine, state, turns, k, vision_layer, r, c, token)
 
     @gpu
-    def retry(state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c):
-        yield from stream_turns(state, state.retry(engine, _settings(n, t, p)), k, vision_layer, r, c)
+    def retry(state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c, token):
+        yield from stream_turns(engine, state, state.retry(engine, _settings(n, t, p)), k, vision_layer, r, c, token)
 
     def clear(state: ChatSession) -> tuple:
         state.clear()
-        return state, *show_panels(state, 0, fused[-1], 0, 0)
+        return state, *_blank_panels(START)
 
-    def select_patch(state: ChatSession, k, vision_layer, event: gr.SelectData) -> tuple:
+    def select_patch(state: ChatSession, k, vision_layer, token, event: gr.SelectData) -> tuple:
         r, c = patch_at(event.index[0], event.index[1], VIEW_SIZE, side)
-        return r, c, *show_panels(state, k, vision_layer, r, c)
+        return r, c, *show_panels(state, k, vision_layer, r, c, token)
 
-    def select_layer(event: gr.SelectData) -> int:
-        return fused[event.index]
+    @gpu
+    def choose_token(state: ChatSession, k, vision_layer, r, c, token) -> tuple:
+        """Where the chosen answer token came from: one more pass for a token not yet worked out."""
+        if state.last_answer is not None:
+            engine.relevance(state.last_answer, _token(token))
+        return show_panels(state, k, vision_layer, r, c, token)
 
     @gpu
     def compare(state: ChatSession, *values: float):
@@ -248,6 +330,19 @@ def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
         with closing(state.compare(engine, [float(v) for v in values])) as updates:
             for comparison in updates:
                 yield comparison.original, comparison.modified, comparison.markdown()
+
+    @gpu
+    def visualize(
+        state: ChatSession, shortcut: float, vision_layer: float, row: float, col: float
+    ) -> tuple[np.ndarray | None, ...]:
+        """The pictures behind the latest answer in this chat: the shortcut chart, the chosen shortcut's
+        map, the fused layer's attention map, the low-res patch (row, col)'s map, and a JSON of the numbers, with
+        the relevance of each image token and high-res token to the whole answer (one more pass, once)."""
+        answer = state.last_answer
+        relevance = None if answer is None else engine.relevance(answer)
+        visuals = render_visuals(answer, int(shortcut), int(vision_layer), int(row), int(col), relevance)
+        info = {**visuals.summary, "notes": [visuals.relevance_note, visuals.shortcut_note, visuals.fusion_note]}
+        return visuals.chart, visuals.shortcut_map, visuals.fusion_map, visuals.query_map, info
 
     @gpu
     def chat(message: dict, state: ChatSession, max_new_tokens: float, temperature: float, top_p: float):
@@ -263,7 +358,8 @@ def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
         retry=retry,
         clear=clear,
         select_patch=select_patch,
-        select_layer=select_layer,
+        choose_token=choose_token,
+        visualize=visualize,
         compare=compare,
         chat=chat,
     )
@@ -291,7 +387,7 @@ def _wire_chat(chat: SimpleNamespace, panels: SimpleNamespace, handlers: SimpleN
     retried.then(lambda: _textbox(busy=False), None, textbox, **INSTANT)
     retried.failure(lambda state: give_back(None, state), [session], [chatbot, textbox], **INSTANT)
     textbox.stop(None, None, None, cancels=[answered, retried], **PRIVATE).then(
-        lambda state: (state.transcript(), _textbox(busy=False)), [session], [chatbot, textbox], **INSTANT
+        stopped, [session], [chatbot, textbox, *panels.outputs], **INSTANT
     )
     chatbot.clear(handlers.clear, [session], [session, *panels.outputs], **PRIVATE)
 
@@ -299,16 +395,16 @@ def _wire_chat(chat: SimpleNamespace, panels: SimpleNamespace, handlers: SimpleN
 def _wire_panels(panels: SimpleNamespace, handlers: SimpleNamespace, session) -> None:
     """Choosing what the panels show, and the shortcut switches."""
     for control in (panels.shortcut, panels.layer):
-        control.change(show_panels, [session, *panels.selection], panels.outputs, **PRIVATE)
+        control.input(show_panels, [session, *panels.selection], panels.outputs, **PRIVATE)
     for control in (panels.row, panels.col):
         control.release(show_panels, [session, *panels.selection], panels.outputs, **PRIVATE)
-    panels.query_map.select(
+    panels.picker.select(
         handlers.select_patch,
-        [session, panels.shortcut, panels.layer],
+        [session, panels.shortcut, panels.layer, panels.token],
         [panels.row, panels.col, *panels.outputs],
         **PRIVATE,
     )
-    panels.gallery.select(handlers.select_layer, None, panels.layer, **PRIVATE)
+    panels.token.input(handlers.choose_token, [session, *panels.selection], panels.outputs, **MODEL_EVENT)
     answers = [panels.original, panels.modified, panels.logprob]
     panels.compare_button.click(handlers.compare, [session, *panels.scales], answers, **MODEL_EVENT)
     panels.reset_button.click(lambda: [1.0] * len(panels.scales), None, panels.scales, **PRIVATE)
@@ -324,7 +420,14 @@ def _wire_api(api: SimpleNamespace, chat: SimpleNamespace, handlers: SimpleNames
         concurrency_id=MODEL_EVENTS,
         concurrency_limit=1,
     )
-    api.visualize_button.click(visualize, [session, *api.inputs], api.outputs, api_name="visualize")
+    api.visualize_button.click(
+        handlers.visualize,
+        [session, *api.inputs],
+        api.outputs,
+        api_name="visualize",
+        concurrency_id=MODEL_EVENTS,
+        concurrency_limit=1,
+    )
 
 
 def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Blocks:

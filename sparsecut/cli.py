@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -208,6 +209,48 @@ def text_only(model: str | None, out_dir: str | None = None, max_new_tokens: int
     print(f"{result['n']} prompts, equal {result['equal']:.3f}, mean KL to the base {result['mean_kl']:.2e} nats/token")
 
 
+def pointing(
+    model: str | None,
+    data: str | None = None,
+    generate: int | None = None,
+    per_family: int = 70,
+    families: list[str] | None = None,
+    out_dir: str | None = None,
+    device: str = "cpu",
+    quantization: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Pointing game: does each map of an answer point at the object the question is about? (per family)"""
+    from .evaluation.pointing import FAMILIES, to_markdown
+    from .evaluation.pointing import pointing as play
+
+    summary = play(
+        model,
+        data=data,
+        generate=generate,
+        per_family=per_family,
+        families=families or FAMILIES,
+        out_dir=out_dir,
+        device=device,
+        quantization=quantization,
+        seed=seed,
+        command=shlex.join(
+            ["sparsecut", "pointing", *_flags(model, data, generate, per_family, families, quantization)]
+        ),
+    )
+    print(to_markdown(summary))
+    return summary
+
+
+def _flags(model, data, generate, per_family, families, quantization) -> list[str]:
+    """The arguments of a `sparsecut pointing` command that differ from the defaults (the output folder aside)."""
+    flags = [model] if model else []
+    flags += ["--data", data] if data else ["--generate", str(generate)]
+    flags += ["--per-family", str(per_family)] if data and per_family != 70 else []
+    flags += ["--families", *families] if families else []
+    return flags + (["--quantization", quantization] if quantization else [])
+
+
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
     parser.add_argument("--image", default=None, help="image path (omit for a text-only question)")
@@ -354,6 +397,22 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="none", help="shortcuts: none, uniform[:k] or reversed[:k]")
 
 
+def _pointing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the default model)")
+    parser.add_argument("--data", default=None, help="LLaVA-format ShapesWorld questions beside their *_scenes.json")
+    parser.add_argument(
+        "--generate", type=int, default=None, help="instead: this many questions per family, made in code"
+    )
+    parser.add_argument(
+        "--per-family", type=int, default=70, help="with --data: at most this many questions per family"
+    )
+    parser.add_argument("--families", nargs="+", default=None, help="default: colour shape pattern character position")
+    parser.add_argument("--out-dir", default=None, help="write pointing.json and pointing.md here")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantization", choices=["none", "8bit", "4bit"], default=None)
+    parser.add_argument("--seed", type=int, default=0, help="with --generate: the scenes' seed")
+
+
 # subcommand -> (entry function, its arguments). The parsed arguments are passed to the function by name, and
 # the help is the first line of its docstring.
 COMMANDS: dict[str, tuple[Callable[..., object], Callable[[argparse.ArgumentParser], None]]] = {
@@ -368,6 +427,7 @@ COMMANDS: dict[str, tuple[Callable[..., object], Callable[[argparse.ArgumentPars
     "world-check": (world_check, _world_check_arguments),
     "text-only": (text_only, _text_only_arguments),
     "convert": (convert, _convert_arguments),
+    "pointing": (pointing, _pointing_arguments),
 }
 
 

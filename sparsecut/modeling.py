@@ -276,6 +276,8 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
                     "Images need input_ids to locate their placeholder tokens; inputs_embeds alone cannot."
                 )
             features = self.get_image_features(pixel_values, output_stats=want_stats)
+            if self._features_sink is not None:  # `inspection.relevance` takes gradients at these features
+                self._features_sink.append(features)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids or inputs_embeds.")
@@ -350,6 +352,7 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
 
     # --- introspection ---------------------------------------------------------------------------------------
     _stats_sink: list | None = None
+    _features_sink: list | None = None
 
     def record_stats(self) -> StatsRecorder:
         """Context manager collecting `ShortcutStats` of every forward that sees images (e.g. a generate prefill):

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import logging
 import os
 import re
 import socket
@@ -22,7 +23,7 @@ from PIL import Image
 import app
 from demo import engine as engine_module
 from demo import hosting, ui
-from demo.engine import ChatEngine
+from demo.engine import ChatEngine, ChatSession, Turn
 from demo.examples import load_examples
 from demo.ui import build_demo, launch
 from sparsecut.testing import tiny_model
@@ -154,6 +155,9 @@ def test_visualize_returns_pictures_of_the_latest_answer(url):
         assert np.asarray(Image.open(path)).std() > 1  # not a constant picture
     assert info["selected_shortcut"] == 1 and info["patch"] == [2, 3] and len(info["shortcuts"]) == 3
     assert info["cost"]["image_tokens"] == 16
+    side = 4  # the tiny model's low-res patches per side
+    assert np.asarray(info["relevance"]["image_tokens"]).shape == (side, side)
+    assert np.asarray(info["relevance"]["high_res_tokens"]).shape == (2 * side, 2 * side)
 
 
 def test_a_bad_image_gives_a_clear_message(url, tmp_path):
@@ -253,10 +257,23 @@ def test_app_without_bitsandbytes_falls_back_to_no_quantization_and_says_so(tmp_
     monkeypatch.setattr(ui, "launch", lambda demo, **kwargs: launched.append(demo))
     app.main(["--model", str(tmp_path), "--quantization", "8bit", "--device", "cpu"])
     captured = capsys.readouterr()
-    assert len(launched) == 1 and "none quantization on cpu" in captured.out
+    assert len(launched) == 1 and "unquantized, on cpu" in captured.out
     assert "app.py: note: 8bit quantization was asked for, but the bitsandbytes package is not installed" in (
         captured.err
     )
+
+
+def test_the_terminal_shows_plain_text_and_no_advice_for_packages_not_in_use(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(ui, "launch", lambda demo, **kwargs: None)
+    with monkeypatch.context() as patched:
+        patched.setattr(logging.getLogger("bitsandbytes.backends.cpu.ops"), "level", logging.NOTSET)
+        app.main(["--model", "tiny", "--device", "cpu"])
+        # What bitsandbytes logs at import when its CPU 4-bit kernels are missing: silenced for an unquantized run.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Please make sure you already `pip install kernels`")
+    captured = capfd.readouterr()
+    loaded = next(line for line in captured.out.splitlines() if line.startswith("Loaded in"))
+    assert "**" not in loaded and "llama" in loaded
+    assert "pip install kernels" not in captured.out + captured.err
 
 
 def test_app_without_a_default_model_says_so_and_exits(capsys, monkeypatch, tmp_path):
@@ -274,3 +291,25 @@ def test_the_trained_model_answers_shapesworld_questions():
         replies = [ask(client(address), e.question, e.image) for e in examples]
     right = [e.answer.lower() in reply.lower() for e, reply in zip(examples, replies)]
     assert sum(right) >= 3, list(zip([e.question for e in examples], [e.answer for e in examples], replies))
+
+
+def test_a_refused_question_goes_back_in_the_textbox_but_a_stopped_one_does_not():
+    state = ChatSession()
+    pending, _, _ = ui.take_message({"text": "Hi?", "files": []}, state)
+    assert ui.give_back(pending, state)[1].value == {"text": "Hi?", "files": []}  # never ran: the queue was full
+    state.turns.append(Turn("Hi?", status="stopped"))  # it ran, and the user stopped it
+    assert ui.give_back(pending, state)[1].value == {"text": "", "files": []}
+    transcript, textbox, *panels = ui.stopped(state)
+    assert textbox.value == {"text": "", "files": []} and len(panels) == ui.PANELS
+    assert any(isinstance(p, str) and "stopped before it finished" in p for p in panels)
+
+
+def test_clear_puts_the_panels_back_in_their_start_state(engine):
+    state = ChatSession()
+    for _ in state.ask(engine, "What is it?", str(EXAMPLE.image)):
+        pass
+    assert state.last_answer is not None
+    handlers = ui._model_handlers(engine)
+    cleared, *panels = handlers.clear(state)
+    assert cleared.turns == [] and cleared.last_answer is None
+    assert panels[:-1] == list(ui._blank_panels(ui.START)[:-1])

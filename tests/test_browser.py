@@ -1,14 +1,17 @@
 """The demo in a real browser (Playwright + Debian's Chromium, headless): upload an image, ask, watch the answer
 stream in and the plots appear. Saves a screenshot to test-artifacts/. Skips without Chromium or Playwright."""
 
+import io
 import threading
 import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from gradio_client import Client
-from test_app import chat_request, scripted_generate, serving
+from PIL import Image
+from test_app import chat_request, endless_generate, scripted_generate, serving
 from test_server import blocking_generate
 
 from demo.engine import ChatEngine
@@ -62,6 +65,8 @@ def test_upload_ask_and_see_the_answer_and_plots():
             chat = page.locator("#chat")
             chat.get_by_text(example.question).wait_for()
             chat.locator("img").first.wait_for()  # the uploaded image shows in the user's message
+            page.locator("#relevance img").wait_for()  # the first tab: where the answer came from
+            page.get_by_role("tab", name="Shortcuts").click()
             page.locator("#chart img").wait_for()
             page.locator("#shortcut-map img").wait_for()
             answer = chat.locator("[data-testid='bot']").last.inner_text()
@@ -69,11 +74,12 @@ def test_upload_ask_and_see_the_answer_and_plots():
             assert answer.strip() == ANSWER and {"the", "the star", "the star is"} <= set(shown)  # it grew
 
             # Clicking the patch map chooses the low-res patch under the pointer (bottom right here).
-            page.get_by_role("tab", name="Multi-grained attention").click()
-            patch_map = page.locator("#query-map img")
+            page.get_by_role("tab", name="Fusion: attention").click()
+            patch_map = page.locator("#patch-picker img")
             patch_map.wait_for(state="visible")
             box = patch_map.bounding_box()
-            patch_map.click(position={"x": box["width"] * 0.95, "y": box["height"] * 0.95})
+            # The map's colour bar runs below it: the bottom-right patch is just above the bar.
+            patch_map.click(position={"x": box["width"] * 0.95, "y": box["height"] * 0.85})
             last = str(engine.config.patches_per_side - 1)
             for slider in ("#patch-row", "#patch-col"):
                 # 30 s, like the other waits: the click's round trip to the server is slow on a loaded 2-core CI.
@@ -109,4 +115,74 @@ def test_a_full_queue_says_busy_on_the_page_and_the_textbox_comes_back():
             sync_api.expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
         finally:
             release.set()
+            browser.close()
+
+
+def pixel_stats(locator) -> tuple[float, float]:
+    """Mean and spread of an element's grey levels, from a screenshot of it: enough to tell an empty panel
+    from one with pictures, without comparing images by eye."""
+    grey = np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("L"), dtype=np.float64)
+    return float(grey.mean()), float(grey.std())
+
+
+def test_an_example_the_relevance_panel_stop_and_clear_leave_the_page_in_clear_states():
+    example = load_examples()[0]
+    engine = ChatEngine.load("tiny", max_new_tokens=24)
+    engine.model.generate = scripted_generate(engine, ANSWER, delay=0.3)
+    with serving(engine) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            panel = page.locator("#relevance-panel")
+            start = pixel_stats(panel)
+            question = page.get_by_placeholder("Attach an image")
+
+            # An example shows its question and expected answer, says to press Enter, and fills the textbox.
+            page.get_by_text("then press Enter").first.wait_for()
+            page.get_by_text(f"{example.question} (expected: {example.answer})").click()
+            sync_api.expect(question).to_have_value(example.question)
+            question.press("Enter")
+            # While the answer streams, the user's bubble shows its image.
+            page.locator("#chat [data-testid='user'] img").first.wait_for()
+            assert not question.is_editable()  # still answering
+
+            # The new panel: relevance maps (with colour bars) over the picture, and how to read them.
+            page.locator("#relevance img").wait_for()
+            page.get_by_text("How to read this").wait_for()
+            sync_api.expect(question).to_be_editable()
+            answered = pixel_stats(panel)
+            assert answered[1] > start[1] + 5  # pictures, where the start state has none
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "relevance.png"), full_page=True)
+
+            # One answer token instead of the whole answer: the maps are worked out again and change.
+            whole = page.locator("#relevance img").get_attribute("src")
+            page.get_by_label("For which part of the answer").click()
+            page.get_by_role("option", name="token 1: 't'").click()
+            sync_api.expect(page.locator("#relevance img")).not_to_have_attribute("src", whole)
+
+            # Stop: the stopped turn stays in the chat, the textbox is empty, the panels say it was stopped.
+            ran: dict = {}
+            engine.model.generate = endless_generate(engine, ran, delay=0.05)
+            question.fill("And what else is there?")
+            question.press("Enter")
+            assert ran["started"].wait(60)
+            page.locator(".stop-button").click()
+            page.get_by_text("stopped before it finished").first.wait_for()
+            sync_api.expect(question).to_be_editable()
+            sync_api.expect(question).to_have_value("")
+            sync_api.expect(page.locator("#relevance img")).to_have_count(0)
+            page.get_by_role("tab", name="Cost").click()
+            sync_api.expect(page.locator("#cost")).not_to_contain_text("Answering")
+            page.get_by_role("tab", name="Where the answer came from").click()
+
+            # Clear: the chat empties and the panels are back in their start state, pixel for pixel (nearly).
+            page.locator("#chat").get_by_label("Clear").click()
+            sync_api.expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
+            page.get_by_text("Ask a question about an image").first.wait_for()
+            cleared = pixel_stats(panel)
+            assert abs(cleared[0] - start[0]) < 2 and abs(cleared[1] - start[1]) < 2
+        finally:
             browser.close()

@@ -33,6 +33,7 @@ from demo.engine import (
 from sparsecut.inspection import (
     CHART_SIZE,
     VIEW_SIZE,
+    Relevance,
     high_res_to_grid,
     neighbours_to_grid,
     overlay,
@@ -40,6 +41,7 @@ from sparsecut.inspection import (
     render_visuals,
     shortcut_chart,
 )
+from sparsecut.inspection.visuals import TILE_SIZE
 from sparsecut.modeling import ShortcutStats
 from sparsecut.testing import tiny_model
 
@@ -177,9 +179,84 @@ def test_render_visuals_for_other_fusions_and_text_only_answers():
     assert concat.query_map.shape == (VIEW_SIZE, VIEW_SIZE, 3) and len(concat.summary["patch_shares"]) == 5
     assert "concat-MLP" in concat.fusion_note
     none = render_visuals(hand_made_answer(hand_made_stats(fusion="none")))
-    assert none.fusion_maps == [] and "no multi-grained fusion" in none.fusion_note
+    assert none.fusion_maps == [] and "does not fuse the high-res view" in none.fusion_note
     text_only = render_visuals(hand_made_answer(None))
     assert text_only.chart is None and "no image" in text_only.fusion_note
+
+
+def test_fusion_maps_sit_in_one_row_with_colour_bars_and_attention_is_named_only_where_it_is():
+    for fusion, layers in (("cross_attention", 2), ("concat_mlp", 2)):
+        visuals = render_visuals(hand_made_answer(hand_made_stats(fusion=fusion)))
+        row = visuals.fusion_row
+        assert row.shape[1] >= layers * TILE_SIZE  # every layer's map side by side
+        assert row.shape[0] < 2 * TILE_SIZE  # ... in one row, not wrapped onto a second
+        assert visuals.shortcut_panel.shape[0] > VIEW_SIZE and visuals.query_panel.shape[0] > VIEW_SIZE  # colour bars
+        says_attention = "attention" in visuals.fusion_note.lower().split("<sub>")[0]
+        assert says_attention == (fusion == "cross_attention")
+        assert "How to read this" in visuals.relevance_note or "once the answer is complete" in visuals.relevance_note
+
+
+def test_clicking_another_patch_changes_the_concat_mlp_patch_picture():
+    answer = hand_made_answer(hand_made_stats(fusion="concat_mlp"))
+    first, second = render_visuals(answer, row=0, col=0), render_visuals(answer, row=2, col=3)
+    assert np.abs(first.query_map.astype(int) - second.query_map.astype(int)).mean() > 5
+    assert first.summary["patch_shares"] != second.summary["patch_shares"]
+
+
+def test_relevance_maps_are_drawn_over_the_view_with_their_colour_bars():
+    side, grid = 4, 2
+    image = torch.zeros(1, side * side)
+    image[0, 5] = 3.0  # patch (1, 1)
+    high = torch.zeros(2, 1, grid * grid * side * side)
+    high[0, 0, 0] = -2.0  # crop (0, 0), patch (0, 0): the top-left high-res token; negative still counts
+    relevance = Relevance(
+        image=image,
+        shortcuts=torch.zeros(2, 1, side * side),
+        high_res=high,
+        logprob=torch.tensor([-1.5]),
+        fused_layers=[0, 2],
+        vision_layers=[0, 2],
+        patches_per_side=side,
+        high_res_grid=grid,
+    )
+    visuals = render_visuals(hand_made_answer(hand_made_stats()), relevance=relevance)
+    (low_name, low), (high_name, high_map) = visuals.relevance_maps
+    assert (low_name, high_name) == ("image tokens", "high-res tokens")
+    cell = VIEW_SIZE // side
+    brightness = low.astype(int).sum(-1)
+    assert brightness[cell + cell // 2, cell + cell // 2] > brightness[cell // 2, cell // 2] + 100
+    fine = VIEW_SIZE // (side * grid)
+    brightness = high_map.astype(int).sum(-1)
+    assert brightness[fine // 2, fine // 2] > brightness[VIEW_SIZE - fine // 2, VIEW_SIZE - fine // 2] + 100
+    assert visuals.relevance_row.shape[1] > visuals.relevance_row.shape[0]  # side by side
+    assert visuals.summary["relevance"]["image_tokens"][1][1] == 3.0
+    assert "row 1, column 1" in visuals.relevance_note
+
+
+def test_the_cost_says_why_the_token_counts_match_llava():
+    cost = hand_made_answer(hand_made_stats()).cost.markdown()
+    assert "as many tokens as LLaVA-1.5" in cost and "appending the high-res tokens instead" in cost
+
+
+def test_the_engine_works_out_relevance_once_per_answer_and_token(engine, monkeypatch):
+    session = ChatSession()
+    ask(session, engine, "What is it?", random_image(3))
+    answer = session.last_answer
+    tokens = engine.answer_tokens(answer)
+    whole = engine.relevance(answer)
+    assert whole is not None and whole.image.shape == (1, engine.config.patches_per_side**2)
+    calls = []
+    monkeypatch.setattr(engine_module, "relevance_of_answer", lambda *args: calls.append(args))
+    assert engine.relevance(answer) is whole and calls == []  # kept on the answer: no second pass
+    monkeypatch.undo()
+    first = engine.relevance(answer, token=0)
+    assert first is not None and answer.relevance[0] is first
+    if len(tokens) > 1:  # one token's relevance is not the whole answer's
+        assert not torch.equal(first.image, whole.image)
+    assert engine.relevance(answer, token=len(tokens)) is None  # no such token
+    text_only = ChatSession()
+    ask(text_only, engine, "Hello?")
+    assert engine.relevance(text_only.last_answer) is None
 
 
 # --- log-probabilities --------------------------------------------------------------------------------------
@@ -448,7 +525,7 @@ def test_quantization_without_bitsandbytes_falls_back_to_none_with_a_notice(chec
     )
     with caplog.at_level(logging.WARNING, logger=engine_module.logger.name):
         loaded = ChatEngine.load(str(checkpoint), quantization="4bit", device="cpu", max_new_tokens=4)
-    assert loaded.quantization == "none" and "none quantization" in loaded.describe()
+    assert loaded.quantization == "none" and "unquantized" in loaded.describe()
     assert len(loaded.notices) == 1 and "4bit" in loaded.notices[0] and "not installed" in loaded.notices[0]
     assert loaded.notices[0] in caplog.messages
     assert not any("bitsandbytes" in type(m).__module__ for m in loaded.model.modules())  # plain nn.Linear layers

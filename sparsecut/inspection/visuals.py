@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..modeling import ShortcutStats
+from .relevance import Relevance, strength
 
 VIEW_SIZE = 384  # every map is VIEW_SIZE x VIEW_SIZE pixels
 CHART_SIZE = (640, 384)  # (width, height) of the shortcut chart
@@ -80,6 +81,48 @@ def patch_at(x: float, y: float, size: int, side: int) -> tuple[int, int]:
     return clamp(y), clamp(x)
 
 
+BAR_HEIGHT = 34  # the colour bar and its labels under a map
+TILE_SIZE = 200  # each map of a row of maps (`map_row`)
+TITLE_HEIGHT = 22
+
+
+def colour_bar(width: int, low: float, high: float, colormap: int, unit: str = "") -> np.ndarray:
+    """A horizontal colour bar with its low and high values: (BAR_HEIGHT, width, 3) uint8 RGB."""
+    ramp = np.tile(np.linspace(0, 255, width).astype(np.uint8), (12, 1))
+    colours = cv2.applyColorMap(ramp, colormap)[..., ::-1]
+    picture = Image.new("RGB", (width, BAR_HEIGHT), "white")
+    picture.paste(Image.fromarray(np.ascontiguousarray(colours)), (0, 4))
+    draw = ImageDraw.Draw(picture)
+    font, ink = _font(12), (30, 30, 30)
+    draw.text((2, 18), f"{low:.3g}{unit} (low)", fill=ink, font=font)
+    draw.text((width - 2, 18), f"(high) {high:.3g}{unit}", fill=ink, font=font, anchor="ra")
+    return np.asarray(picture)
+
+
+def with_colour_bar(picture: np.ndarray, values: np.ndarray, colormap: int, unit: str = "") -> np.ndarray:
+    """A map with the colour bar of its values underneath (the map keeps its pixels, so clicks map as before)."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    return np.concatenate([picture, colour_bar(picture.shape[1], low, high, colormap, unit)], axis=0)
+
+
+def map_row(tiles: list[tuple[str, np.ndarray, np.ndarray, int]], tile: int = TILE_SIZE) -> np.ndarray:
+    """Maps side by side in one row, each with its title above and its colour bar below: tiles are (title,
+    picture, the values it shows, colormap)."""
+    gap = 8
+    width = len(tiles) * tile + (len(tiles) - 1) * gap
+    row = Image.new("RGB", (max(width, 1), TITLE_HEIGHT + tile + BAR_HEIGHT), "white")
+    draw = ImageDraw.Draw(row)
+    for index, (title, picture, values, colormap) in enumerate(tiles):
+        left = index * (tile + gap)
+        draw.text((left + tile // 2, 4), title, fill=(30, 30, 30), font=_font(13), anchor="ma")
+        row.paste(Image.fromarray(picture).resize((tile, tile), Image.Resampling.BILINEAR), (left, TITLE_HEIGHT))
+        bar = with_colour_bar(np.zeros((0, tile, 3), np.uint8), values, colormap)
+        row.paste(Image.fromarray(bar), (left, TITLE_HEIGHT + tile))
+    return np.asarray(row)
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
@@ -103,13 +146,15 @@ def shortcut_chart(stats: ShortcutStats, selected: int | None = None, image_inde
     picture = Image.new("RGB", CHART_SIZE, "white")
     draw = ImageDraw.Draw(picture)
     ink, grey = (30, 30, 30), (150, 150, 150)
-    draw.text((12, 10), "Shortcut contributions: mean |added| / |hidden| at image tokens", fill=ink, font=_font(16))
+    draw.text(
+        (12, 10), "How much each shortcut changes the image tokens (|added| / |hidden|)", fill=ink, font=_font(16)
+    )
     means = shortcut_means(stats, image_index)
     if not means:
         draw.text((12, height // 2), "This model has no shortcuts.", fill=ink, font=_font(15))
         return np.asarray(picture)
     top, bottom, bar_left, bar_right = 44, height - 34, 250, width - 70
-    row_height = min(36.0, (bottom - top) / len(means))
+    row_height = min(72.0, (bottom - top) / len(means))
     finite = [m for m in means if math.isfinite(m)]
     scale = max(finite) if finite and max(finite) > 0 else 1.0
     font = _font(max(10, min(14, int(row_height * 0.5))))
@@ -141,15 +186,23 @@ def shortcut_chart(stats: ShortcutStats, selected: int | None = None, image_inde
 
 @dataclass
 class Visuals:
-    """The panels beside an answer. Maps are (VIEW_SIZE, VIEW_SIZE, 3) uint8, the chart CHART_SIZE."""
+    """The panels beside an answer. Maps are (VIEW_SIZE, VIEW_SIZE, 3) uint8, the chart CHART_SIZE; the
+    `*_panel` and `*_row` pictures are what the demo shows: maps with their colour bars, rows of maps."""
 
     chart: np.ndarray | None = None
     shortcut_map: np.ndarray | None = None
     fusion_maps: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (vision layer, map), fused layers
     fusion_map: np.ndarray | None = None  # the selected layer's map
-    query_map: np.ndarray | None = None
+    query_map: np.ndarray | None = None  # what the chosen low-res patch shows (it changes with the patch)
+    relevance_maps: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (grid, map): low-res, high-res
+    shortcut_panel: np.ndarray | None = None  # shortcut_map with its colour bar
+    query_panel: np.ndarray | None = None  # query_map with its colour bar
+    patch_picker: np.ndarray | None = None  # the selected layer's fusion map, chosen patch outlined, colour bar
+    fusion_row: np.ndarray | None = None  # every fused layer's map in one row, with colour bars
+    relevance_row: np.ndarray | None = None  # the relevance maps in one row, with colour bars
     shortcut_note: str = ""  # markdown explaining the shortcut map
     fusion_note: str = ""  # markdown explaining the fusion maps
+    relevance_note: str = ""  # markdown explaining the relevance maps
     summary: dict = field(default_factory=dict)  # the numbers behind the pictures, JSON-able
 
 
@@ -167,14 +220,22 @@ class InspectedAnswer(Protocol):
     cost: Any  # has `as_dict()`: the answer's cost, copied into `Visuals.summary`
 
 
+NO_IMAGE = "The latest answer had no image, so there is nothing to show."
+
+
 def render_visuals(
-    answer: InspectedAnswer | None, shortcut: int = 0, vision_layer: int | None = None, row: int = 0, col: int = 0
+    answer: InspectedAnswer | None,
+    shortcut: int = 0,
+    vision_layer: int | None = None,
+    row: int = 0,
+    col: int = 0,
+    relevance: Relevance | None = None,
 ) -> Visuals:
     """Everything the demo shows about `answer`, for the chosen shortcut, fused vision layer (None: the last
-    fused layer) and low-res query patch (row, col)."""
+    fused layer) and low-res query patch (row, col); with `relevance` (of this answer, `inspection.relevance`)
+    also where the answer came from."""
     if answer is None or answer.stats is None or answer.view is None:
-        nothing = "The latest answer had no image, so there is nothing to show."
-        return Visuals(shortcut_note=nothing, fusion_note=nothing)
+        return Visuals(shortcut_note=NO_IMAGE, fusion_note=NO_IMAGE, relevance_note=NO_IMAGE)
     stats, view = answer.stats, answer.view
     side, grid = stats.patches_per_side, stats.high_res_grid
     k = len(stats.vision_layers)
@@ -206,9 +267,12 @@ def render_visuals(
         # low-res tokens come first), and they sit on the side x side patch grid.
         ratios = stats.ratios[shortcut, -1, : side * side].numpy().reshape(side, side)
         visuals.shortcut_map = overlay(view, ratios, RATIO_COLORMAP)
+        visuals.shortcut_panel = with_colour_bar(visuals.shortcut_map, ratios, RATIO_COLORMAP)
         visuals.shortcut_note = (
-            f"**{shortcut_label(stats.vision_layers[shortcut], stats.llm_layers[shortcut])}**: |added| / |hidden| "
-            f"per image patch, from {np.nanmin(ratios):.3f} (dark) to {np.nanmax(ratios):.3f} (bright)."
+            f"How much **{shortcut_label(stats.vision_layers[shortcut], stats.llm_layers[shortcut])}** changes "
+            "what the language model holds at each image patch, compared with what is already there: bright "
+            f"patches change most (from {np.nanmin(ratios):.3f} to {np.nanmax(ratios):.3f} times the size of "
+            "the hidden state). <sub>mean ‖added‖ / ‖hidden‖ per image token</sub>"
         )
     else:
         visuals.shortcut_note = "This model has no shortcuts."
@@ -219,28 +283,105 @@ def render_visuals(
         _contribution_visuals(visuals, stats, view, slot, row, col)
     else:
         visuals.fusion_note = (
-            "This model has no multi-grained fusion (fusion='none'): the LLM sees low-res tokens only."
+            "This model does not fuse the high-res view: the language model sees the low-res image tokens only, "
+            "as in LLaVA-1.5. <sub>fusion = none</sub>"
         )
+    _relevance_visuals(visuals, relevance, view)
     return visuals
 
 
+def _relevance_visuals(visuals: Visuals, relevance: Relevance | None, view: Image.Image) -> None:
+    if relevance is None:
+        visuals.relevance_note = "Where the answer came from is worked out once the answer is complete."
+        return
+    grids = [("image tokens", strength(relevance.low_res_map()).numpy())]
+    if (high := relevance.high_res_map()) is not None:
+        grids.append(("high-res tokens", strength(high).numpy()))
+    tiles = []
+    for name, values in grids:
+        picture = overlay(view, values, ATTENTION_COLORMAP)
+        visuals.relevance_maps.append((name, picture))
+        tiles.append((f"{name} ({values.shape[0]}x{values.shape[1]})", picture, values, ATTENTION_COLORMAP))
+    visuals.relevance_row = map_row(tiles, tile=VIEW_SIZE // 2 + 64)
+    peak = np.unravel_index(int(np.argmax(grids[0][1])), grids[0][1].shape)
+    visuals.relevance_note = (
+        "**How to read this:** bright patches are the parts of the picture the answer rests on: changing them "
+        "would change how sure the model is of its answer the most (either way); dark ones hardly matter. Left: "
+        "the image tokens the language model reads (with the shortcuts added at them); right: the finer "
+        "high-res tokens fused into them. How often the brightest patch lies on the object a question is about: "
+        "`sparsecut pointing` (benchmarks/results/pointing/pointing.md). "
+        f"<sub>|gradient × input| of log p(answer) = {float(relevance.logprob[0]):.2f}; brightest image token: "
+        f"row {peak[0]}, column {peak[1]}</sub>"
+    )
+    visuals.summary["relevance"] = {
+        "logprob": float(relevance.logprob[0]),
+        "image_tokens": grids[0][1].tolist(),
+        "high_res_tokens": None if high is None else grids[1][1].tolist(),
+    }
+
+
 def _attention_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Image, slot: int, row: int, col: int):
-    side, grid, cells = stats.patches_per_side, stats.high_res_grid, stats.patches_per_side * stats.high_res_grid
+    side, grid = stats.patches_per_side, stats.high_res_grid
     attention = stats.fusion_attention[:, -1].numpy()  # (L, P, G*P)
     received = high_res_to_grid(attention.sum(axis=1), side, grid)  # (L, cells, cells): mass each key receives
     visuals.fusion_maps = [(v, overlay(view, received[j])) for j, v in enumerate(stats.fused_layers)]
     visuals.fusion_map = visuals.fusion_maps[slot][1]
+    visuals.patch_picker = with_colour_bar(
+        mark_cell(visuals.fusion_map, row, col, side), received[slot], ATTENTION_COLORMAP
+    )
+    visuals.fusion_row = map_row(
+        [
+            (f"vision layer {v}", picture, received[j], ATTENTION_COLORMAP)
+            for j, (v, picture) in enumerate(visuals.fusion_maps)
+        ]
+    )
     query = high_res_to_grid(attention[slot, row * side + col], side, grid)  # (cells, cells)
     visuals.query_map = mark_cell(overlay(view, query), row, col, side)
+    visuals.query_panel = with_colour_bar(visuals.query_map, query, ATTENTION_COLORMAP)
     own_area = float(query[row * grid : (row + 1) * grid, col * grid : (col + 1) * grid].sum())
     peak = np.unravel_index(int(np.argmax(query)), query.shape)
     visuals.fusion_note = (
-        f"**Vision layer {stats.fused_layers[slot]}**: attention each high-res token receives from all low-res "
-        f"queries ({cells}x{cells} high-res grid). Low-res patch ({row}, {col}) (outlined) puts "
-        f"{own_area:.0%} of its attention on its own area; its peak is high-res token {tuple(map(int, peak))} "
-        f"({query.max():.3f})."
+        "**Attention.** Each image token (one per low-res patch) looks into the high-res crops and takes in what "
+        "it attends to. The row shows, per fused vision layer, how much attention each high-res patch receives "
+        "from all image tokens (bright: looked at often). The large map shows where the chosen patch "
+        f"(row {row}, column {col}, outlined; click another) looked: {own_area:.0%} of its attention stays in its "
+        f"own area; its peak is high-res patch {tuple(map(int, peak))}. <sub>cross-attention weights, averaged "
+        f"over heads; vision layer {stats.fused_layers[slot]}</sub>"
     )
     visuals.summary["query_attention_own_area"] = own_area
+
+
+def zoom_on_patch(view: Image.Image, shares: np.ndarray, row: int, col: int, side: int, grid: int) -> np.ndarray:
+    """The area of low-res patch (row, col), enlarged, with each of its grid x grid high-res tokens coloured and
+    labelled by its share: (VIEW_SIZE, VIEW_SIZE, 3). shares: (1 + grid*grid,), the low-res token's first."""
+    square = view.convert("RGB").resize((VIEW_SIZE, VIEW_SIZE), Image.Resampling.BICUBIC)
+    cell = VIEW_SIZE / side
+    area = square.crop((round(col * cell), round(row * cell), round((col + 1) * cell), round((row + 1) * cell)))
+    neighbours = np.asarray(shares[1:], dtype=np.float32).reshape(grid, grid)
+    picture = Image.fromarray(overlay(area, neighbours))
+    draw = ImageDraw.Draw(picture)
+    step = VIEW_SIZE / grid
+    for r in range(grid):
+        for c in range(grid):
+            x, y = (c + 0.5) * step, (r + 0.5) * step
+            draw.text(
+                (x, y),
+                f"{neighbours[r, c]:.0%}",
+                fill="white",
+                font=_font(28),
+                anchor="mm",
+                stroke_width=3,
+                stroke_fill="black",
+            )
+    draw.text(
+        (8, 8),
+        f"patch ({row}, {col}); its own low-res token: {shares[0]:.0%}",
+        fill="white",
+        font=_font(16),
+        stroke_width=2,
+        stroke_fill="black",
+    )
+    return np.asarray(picture)
 
 
 def _contribution_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Image, slot: int, row: int, col: int):
@@ -249,12 +390,26 @@ def _contribution_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Im
     maps = [neighbours_to_grid(shares[j, :, 1:], side, grid) for j in range(len(stats.fused_layers))]
     visuals.fusion_maps = [(v, overlay(view, maps[j])) for j, v in enumerate(stats.fused_layers)]
     visuals.fusion_map = visuals.fusion_maps[slot][1]
-    visuals.query_map = mark_cell(visuals.fusion_map, row, col, side)
+    visuals.patch_picker = with_colour_bar(
+        mark_cell(visuals.fusion_map, row, col, side), maps[slot], ATTENTION_COLORMAP
+    )
+    visuals.fusion_row = map_row(
+        [
+            (f"vision layer {v}", picture, maps[j], ATTENTION_COLORMAP)
+            for j, (v, picture) in enumerate(visuals.fusion_maps)
+        ]
+    )
     patch = shares[slot, row * side + col]
+    visuals.query_map = zoom_on_patch(view, patch, row, col, side, grid)
+    visuals.query_panel = with_colour_bar(visuals.query_map, patch[1:], ATTENTION_COLORMAP)
     neighbours = ", ".join(f"{s:.0%}" for s in patch[1:])
     visuals.fusion_note = (
-        f"**Vision layer {stats.fused_layers[slot]}** (concat-MLP fusion): share of each high-res token in its "
-        f"low-res patch's fused token. Patch ({row}, {col}): low-res token {patch[0]:.0%}, high-res "
-        f"neighbours {neighbours} (row-major)."
+        "**This model's fusion does not attend anywhere:** it glues each image token to the "
+        f"{grid * grid} high-res tokens of its own patch and mixes them with a small network; the maps show how "
+        "big a part of that mix each high-res token is (bright: a large part). This is how the fusion mixes, not "
+        "where the answer came from (see that tab). Click a patch to see its "
+        f"{grid}x{grid} high-res tokens close up: patch (row {row}, column {col}) takes {patch[0]:.0%} from its "
+        f"own low-res token and {neighbours} from its high-res tokens. <sub>concat-MLP: each input's share of "
+        f"the first projector layer's pre-activation norm; vision layer {stats.fused_layers[slot]}</sub>"
     )
     visuals.summary["patch_shares"] = [float(s) for s in patch]
