@@ -50,6 +50,17 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
+def fit_within(image: Image.Image, side: int) -> Image.Image:
+    """The image scaled down (never up, aspect kept) to a longest side of at most `side` pixels: padding it to a
+    square afterwards then costs side * side pixels, not the square of its own longest side."""
+    width, height = image.size
+    if max(width, height) <= side:
+        return image
+    scale = side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def crops_per_side(grid: int, overlap: bool) -> int:
     """High-res crops per side: grid, or 2 * grid - 1 when they overlap by half a crop."""
     return 2 * grid - 1 if overlap else grid
@@ -67,7 +78,7 @@ def make_views(
     """The 1 + crops normalised views of one RGB image: (views, 3, size, size) float32, where crops is grid**2,
     or (2 * grid - 1)**2 crops at a stride of size // 2 with `overlap`."""
     if pad:
-        image = pad_to_square(image, tuple(int(round(255 * m)) for m in mean))
+        image = pad_to_square(fit_within(image, size * grid), tuple(int(round(255 * m)) for m in mean))
     low = image.resize((size, size), Image.Resampling.BICUBIC)
     high = image.resize((size * grid, size * grid), Image.Resampling.BICUBIC)
     stride, count = size // 2 if overlap else size, crops_per_side(grid, overlap)
