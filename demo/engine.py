@@ -317,6 +317,11 @@ class ChatEngine:
     def load_image(self, source) -> Image.Image:
         """A user's image, checked against the demo's limits and decoded straight to at most `image_side`
         pixels on its longest side (raises InvalidInputError with the reason)."""
+        if isinstance(source, str) and not os.path.exists(source):
+            raise InvalidInputError(
+                "the attached file is no longer on the server (an upload is kept until its message is answered); "
+                "please attach it again."
+            )
         return load_image(
             source,
             max_pixels=IMAGE_MAX_PIXELS,
@@ -677,7 +682,8 @@ class ChatSession:
 
     Bounded: it keeps its latest MAX_KEPT_TURNS turns, only the latest image context's image (at most
     `ChatEngine.image_side` pixels; earlier turns keep a preview file for the transcript), and the latest answer.
-    With `preview_dir` set, each image's preview is written there as a PNG; the session deletes its previews when
+    With `preview_dir` set, `transcript` writes each image's preview there as a PNG (once; an API client, which
+    never asks for the transcript, gets none); the session deletes its previews when
     their turns are dropped, when it is cleared or closed, and when it is garbage-collected (a chat that expired).
     """
 
@@ -719,6 +725,10 @@ class ChatSession:
             weakref.finalize(self, _delete_files, self.files)
         self.files.append(path)
         return path
+
+    def _preview(self, turn: Turn) -> None:
+        if turn.new_image and turn.attachment is None and turn.image is not None:
+            turn.attachment = self._write_preview(turn.image)
 
     def _add_turn(self, turn: Turn) -> None:
         self.turns.append(turn)
@@ -773,7 +783,6 @@ class ChatSession:
                     return
                 turn.image = engine.load_image(image)
                 turn.new_image = True
-                turn.attachment = self._write_preview(turn.image)
                 outside = engine.outside_world(turn.image)
                 if outside is not None:
                     turn.notices.append(outside)
@@ -803,9 +812,13 @@ class ChatSession:
                 turn.status = "stopped"
             if turn.new_image and turn.in_context:  # earlier images are no longer sent: keep only their previews
                 for earlier in self.turns[:-1]:
+                    self._preview(earlier)  # the transcript still shows it
                     earlier.image = None
+        if turn.status == "failed" or image is not None:
+            # After the except block (until it ends, an error keeps the failed step alive), and after every
+            # image: its decode buffers go back to the system instead of staying in the heap.
+            release_memory()
         if turn.status == "failed":
-            release_memory()  # here, after the except block: until it ends, the error keeps the failed step alive
             yield turn
 
     def retry(self, engine: ChatEngine, settings: GenerationSettings | None = None) -> Iterator[Turn]:
@@ -842,6 +855,7 @@ class ChatSession:
         content is its image file (as {"path": ...}) and its text."""
         messages = []
         for turn in self.turns:
+            self._preview(turn)  # written when first shown: an API chat with one image writes none
             content: list = [] if turn.attachment is None else [{"path": turn.attachment}]
             if turn.question:
                 content.append(turn.question)

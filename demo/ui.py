@@ -371,6 +371,19 @@ def _wire_api(api: SimpleNamespace, chat: SimpleNamespace, handlers: SimpleNames
     api.visualize_button.click(visualize, [session, *api.inputs], api.outputs, api_name="visualize")
 
 
+def _queued_requests_name(demo: gr.Blocks, path: str) -> bool:
+    """Whether a request waiting in the demo's queue names the file `path` (another client's upload of the same
+    content is the same file)."""
+    queue = getattr(demo, "_queue", None)
+    waiting = getattr(queue, "event_queue_per_concurrency_id", {}) or {}
+    for line in list(waiting.values()):
+        for event in list(getattr(line, "queue", [])):
+            data = getattr(event, "data", None)
+            if data is not None and path in repr(getattr(data, "data", data)):
+                return True
+    return False
+
+
 def _close_session(session) -> None:
     if isinstance(session, ChatSession):
         session.close()
@@ -413,6 +426,7 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = (), session_ttl
         demo.uploads = Uploads(
             get_upload_folder(),
             keep=lambda: {path for block in demo.blocks.values() for path in getattr(block, "keep_in_cache", ())},
+            wanted=lambda path: _queued_requests_name(demo, path),
         )
         handlers = _model_handlers(engine, demo.uploads, lambda: getattr(demo, "_queue", None))
         _wire_chat(chat, panels, handlers, session, pending)

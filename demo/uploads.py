@@ -3,8 +3,9 @@
 - `RequestSizeLimit`: an ASGI middleware that refuses any request body over a total size (HTTP 413, with a
   sentence saying the limit), counted as it arrives, so many files in one upload cannot add up past it.
 - `Uploads`: the files in Gradio's upload folder. A request claims the upload it reads and releases it when it
-  ends; the file is then deleted unless another request still holds it (uploads are stored by content, so two
-  clients that send the same image share one file; a file replaced by a new upload is left to its request).
+  ends; RELEASE_DELAY_S later the file is deleted unless a request holds it again or a queued request names it
+  (uploads are stored by content, so two clients that send the same image share one file; a file replaced by a
+  new upload meanwhile is left to its request).
   A sweep deletes what no request holds and no chat shows once it is older than `max_age` seconds: uploads
   whose request never ran (the client left while it waited) and the pictures Gradio wrote for answers.
   Chats keep their previews in `previews` (a folder the sweep leaves alone); each chat deletes its own.
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 11 * 2**20  # one 10 MB image with its form fields, or a /chat body
 FILE_MAX_AGE_S = 600  # files no request holds and no chat shows are deleted after this many seconds
 SWEEP_EVERY_S = 30
+RELEASE_DELAY_S = 2.0  # an API client joins the queue within this long after it uploads
 PREVIEWS = "sparsecut-previews"  # under the upload folder: the chats' previews
 
 
@@ -88,13 +90,23 @@ class RequestSizeLimit:
 class Uploads:
     """The upload folder's files: claims by running requests, release, and the sweep (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike, max_age: float = FILE_MAX_AGE_S, keep: Callable[[], Iterable] = ()):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        max_age: float = FILE_MAX_AGE_S,
+        keep: Callable[[], Iterable] | None = None,
+        wanted: Callable[[str], bool] | None = None,
+        release_delay: float = RELEASE_DELAY_S,
+    ):
         self.folder = Path(folder).resolve()
         self.previews = self.folder / PREVIEWS
         self.max_age = max_age
-        self.keep = keep if callable(keep) else (lambda: ())  # paths never deleted (the example scenes' copies)
+        self.keep = keep or (lambda: ())  # paths never deleted (the example scenes' copies)
+        self.wanted = wanted or (lambda path: False)  # whether a queued request names the path
+        self.release_delay = release_delay
         self._claims: Counter[str] = Counter()
         self._inodes: dict[str, int] = {}
+        self._released: dict[str, tuple[int | None, float]] = {}  # path -> (inode when claimed, release time)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,14 +148,32 @@ class Uploads:
             if self._claims[path] > 0:
                 return
             del self._claims[path]
-            inode = self._inodes.pop(path, None)
-            if path in {str(Path(p).resolve()) for p in self.keep()}:
-                return
+            self._released[path] = (self._inodes.pop(path, None), time.monotonic())
+        if self.release_delay <= 0:
+            self.delete_released()
+
+    def delete_released(self) -> int:
+        """Delete the released uploads whose delay has passed, unless held again, named by a queued request,
+        replaced by a new upload or kept; returns how many were deleted."""
+        now, deleted = time.monotonic(), 0
+        with self._lock:
+            due = [p for p, (_, at) in self._released.items() if now - at >= self.release_delay]
+            entries = {path: self._released.pop(path)[0] for path in due if path not in self._claims}
+        if not entries:
+            return 0
+        kept = {str(Path(p).resolve()) for p in self.keep()}
+        for path, inode in entries.items():
             try:
-                if inode is not None and os.stat(path).st_ino == inode:  # not replaced by a new upload meanwhile
+                if path in kept or self.wanted(path) or inode is None or os.stat(path).st_ino != inode:
+                    continue
+                with self._lock:
+                    if path in self._claims:
+                        continue
                     _remove(Path(path), self.folder)
+                deleted += 1
             except OSError:
-                pass
+                continue
+        return deleted
 
     def sweep(self, max_age: float | None = None) -> int:
         """Delete files older than `max_age` (default: self.max_age) that no request holds and no chat shows;
@@ -153,7 +183,7 @@ class Uploads:
         kept = {str(Path(p).resolve()) for p in self.keep()}
         deleted = 0
         with self._lock:
-            held = set(self._claims)
+            held = set(self._claims) | set(self._released)
         for path in _files(self.folder):
             if self.previews in path.parents or str(path) in held or str(path) in kept:
                 continue
@@ -165,15 +195,21 @@ class Uploads:
                 continue
         return deleted
 
-    def start(self, every: float = SWEEP_EVERY_S) -> None:
-        """Sweep every `every` seconds in a daemon thread until `stop()`."""
+    def start(self, every: float | None = None) -> None:
+        """Sweep every `every` seconds (default: SWEEP_EVERY_S, or half of max_age if less) in a daemon thread
+        until `stop()`."""
+        every = every or max(1.0, min(SWEEP_EVERY_S, self.max_age / 2))
 
         def run() -> None:
-            while not self._stop.wait(every):
+            last_sweep = time.monotonic()
+            while not self._stop.wait(min(every, max(0.2, self.release_delay / 2))):
                 try:
-                    self.sweep()
-                except Exception:  # a sweep that fails is retried at the next one
-                    logger.exception("Sweeping the upload folder failed")
+                    self.delete_released()
+                    if time.monotonic() - last_sweep >= every:
+                        self.sweep()
+                        last_sweep = time.monotonic()
+                except Exception:  # retried at the next round
+                    logger.exception("Cleaning the upload folder failed")
 
         self._thread = threading.Thread(target=run, name="sparsecut-uploads", daemon=True)
         self._thread.start()

@@ -354,16 +354,16 @@ def _check_size(width: int, height: int, limits: _Limits) -> None:
             f"The image is {width}×{height} = {_format_pixels(pixels)}; "
             f"the limit is {_format_pixels(limits.max_pixels)}."
         )
-    if limits.max_side is not None and max(width, height) > limits.max_side:
-        raise InvalidInputError(
-            f"The image is {width}×{height}; the longest side may be at most {limits.max_side:,} pixels."
-        )
     aspect = max(width, height) / min(width, height)
     if limits.max_aspect is not None and aspect > limits.max_aspect:
         shape = "wider than tall" if width > height else "taller than wide"
         raise InvalidInputError(
             f"The image is {width}×{height}, {aspect:,.0f} times {shape}; the limit is "
             f"{limits.max_aspect:g}:1 (the model would see a thin line)."
+        )
+    if limits.max_side is not None and max(width, height) > limits.max_side:
+        raise InvalidInputError(
+            f"The image is {width}×{height}; the longest side may be at most {limits.max_side:,} pixels."
         )
 
 
