@@ -552,3 +552,17 @@ def test_the_sweep_deletes_old_unheld_files_but_not_previews_kept_files_or_files
         pass
     assert outside.exists()
     outside.unlink()
+
+
+def test_a_turn_whose_client_has_left_decodes_nothing(engine, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(engine, "load_image", lambda source: decoded.append(source))
+    session = ChatSession()
+    turns = list(session.ask(engine, "What is it?", "/nowhere/image.png", GenerationSettings(4), wanted=lambda: False))
+    assert decoded == [] and turns[-1].status == "stopped" and session.last_answer is None
+
+
+def test_an_upload_that_is_gone_gets_a_message_without_server_paths(engine):
+    *_, turn = ChatSession().ask(engine, "What is it?", "/tmp/gradio/0123abc/gone.png", GenerationSettings(4))
+    assert turn.error.startswith("⚠️ I could not use this image: the attached file is no longer on the server")
+    assert "/tmp" not in turn.error
