@@ -9,6 +9,8 @@ The UI only lays components out and calls:
   loads the model unquantized and says so (`ChatEngine.notices`).
 - `ChatSession`: one user's conversation. A new image starts a new image context: only turns since the
   latest image are re-sent to the model. Errors become chat messages and never cost the conversation.
+  Bounded: images are decoded straight to `ChatEngine.image_side` pixels within the demo's limits
+  (`ChatEngine.load_image`), a chat keeps its latest MAX_KEPT_TURNS turns and only its latest image.
 
 The panels beside an answer are drawn by `sparsecut.inspection.render_visuals` from the forward pass that
 produced the answer (`record_stats` around `generate`), so inspecting an answer never runs the model again.
