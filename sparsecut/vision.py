@@ -77,7 +77,7 @@ def make_views(
 ) -> np.ndarray:
     """The 1 + crops normalised views of one RGB image: (views, 3, size, size) float32, where crops is grid**2,
     or (2 * grid - 1)**2 crops at a stride of size // 2 with `overlap`."""
-    if pad:
+    if pad and image.width != image.height:  # shrink first: the square is then at most the high-res view's size
         image = pad_to_square(fit_within(image, size * grid), tuple(int(round(255 * m)) for m in mean))
     low = image.resize((size, size), Image.Resampling.BICUBIC)
     high = image.resize((size * grid, size * grid), Image.Resampling.BICUBIC)
