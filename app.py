@@ -40,6 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="upper limit of the answer length")
+    parser.add_argument(
+        "--session-ttl", type=float, default=900, help="seconds an idle chat is kept before it expires (default 900)"
+    )
+    parser.add_argument(
+        "--file-max-age",
+        type=float,
+        default=600,
+        help="seconds before files that no request holds and no chat shows are deleted (default 600)",
+    )
     return parser.parse_args(argv)
 
 
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Loaded in {time.perf_counter() - started:.1f} s: {engine.describe(markdown=False)}", flush=True)
     for notice in engine.notices:  # also logged; printed so it shows without logging set up
         print(f"app.py: note: {notice}", file=sys.stderr, flush=True)
-    launch(build_demo(engine, load_examples()), host=args.host, port=args.port, share=args.share)
+    demo = build_demo(engine, load_examples(), session_ttl=args.session_ttl)
+    launch(demo, host=args.host, port=args.port, share=args.share, file_max_age=args.file_max_age)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ The UI only lays components out and calls:
   loads the model unquantized and says so (`ChatEngine.notices`).
 - `ChatSession`: one user's conversation. A new image starts a new image context: only turns since the
   latest image are re-sent to the model. Errors become chat messages and never cost the conversation.
+  Bounded: images are decoded straight to `ChatEngine.image_side` pixels within the demo's limits
+  (`ChatEngine.load_image`), a chat keeps its latest MAX_KEPT_TURNS turns and only its latest image.
 
 The panels beside an answer are drawn by `sparsecut.inspection.render_visuals` from the forward pass that
 produced the answer (`record_stats` around `generate`), so inspecting an answer never runs the model again.
@@ -17,8 +19,13 @@ produced the answer (`record_stats` around `generate`), so inspecting an answer 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from threading import Event, Thread
@@ -30,16 +37,27 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from sparsecut.data.images import InvalidInputError, load_image
 from sparsecut.evaluation.world_check import WorldCheck
-from sparsecut.inspection import Relevance, relevance_of_answer, shortcut_label
+from sparsecut.inspection import VIEW_SIZE, Relevance, relevance_of_answer, shortcut_label
 from sparsecut.modeling import ShortcutStats, SparseCutForConditionalGeneration
 from sparsecut.processing import SparseCutProcessor
 from sparsecut.utils import PeakMemory, markdown_table, release_memory
-from sparsecut.vision import pad_to_square
+from sparsecut.vision import fit_within, pad_to_square
 
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"  # model name of `sparsecut.testing.tiny_model()`, for development and tests
 MIN_ANSWER_TOKENS = 32  # the answer is shortened down to this many tokens before the question is cut
+
+# What the demo accepts (README, "Demo"). JPEG is decoded at a reduced scale, so only its header size is limited;
+# other formats are decoded at full size, so their decoded size is (IMAGE_DECODE_BYTES: 8.4 megapixels of RGB).
+IMAGE_MAX_PIXELS = 100_000_000
+IMAGE_MAX_SIDE = 12_000
+IMAGE_MAX_ASPECT = 20
+IMAGE_DECODE_BYTES = 32 * 2**20
+MAX_KEPT_TURNS = 20  # a chat keeps its latest turns; older ones (and their images) are dropped
+MAX_QUESTION_CHARS = 20_000  # longer questions are cut before they are tokenized (they cannot fit anyway)
+MAX_TEMPERATURE = 100.0
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class PromptTooLongError(ValueError):
@@ -52,6 +70,34 @@ class GenerationSettings:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 1.0
+
+    @classmethod
+    def from_values(cls, max_new_tokens, temperature, top_p) -> GenerationSettings:
+        """Settings from values as a client sent them (numbers, or anything else): never raises; `problem()` says
+        what is wrong with them."""
+        number = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # noqa: E731
+        tokens = number(max_new_tokens)
+        if isinstance(tokens, float) and math.isfinite(tokens) and tokens.is_integer():
+            tokens = int(tokens)
+        return cls(tokens, number(temperature), number(top_p))
+
+    def problem(self) -> str | None:
+        """Why these settings cannot be used, as a sentence for the chat; None when they can."""
+        checks = (
+            ("max_new_tokens", self.max_new_tokens, "a whole number of at least 1"),
+            ("temperature", self.temperature, f"a number from 0 (greedy) to {MAX_TEMPERATURE:g}"),
+            ("top_p", self.top_p, "a number above 0 and at most 1"),
+        )
+        valid = {
+            "max_new_tokens": lambda v: isinstance(v, int) and v >= 1,
+            "temperature": lambda v: 0 <= v <= MAX_TEMPERATURE,
+            "top_p": lambda v: 0 < v <= 1,
+        }
+        for name, value, wanted in checks:
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not numeric or not math.isfinite(value) or not valid[name](value):
+                return f"⚠️ The setting {name} is {value!r}; it must be {wanted}. Nothing was generated."
+        return None
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
@@ -146,7 +192,7 @@ class Answer:
     settings: GenerationSettings
     stats: ShortcutStats | None  # from the generate prefill; None for a text-only prompt
     cost: Cost
-    view: Image.Image | None  # the padded square image the model saw, for overlays
+    view: Image.Image | None  # the padded square image the model saw (at most `ChatEngine.image_side`), for overlays
     relevance: dict = field(default_factory=dict)  # answer token (None: all) -> `Relevance`, as worked out
 
 
@@ -277,6 +323,29 @@ class ChatEngine:
             world_check=world_check,
         )
 
+    @property
+    def image_side(self) -> int:
+        """The longest side an image is kept at: what the model's high-res view needs, or what the panels draw
+        (VIEW_SIZE), whichever is larger. Nothing larger is ever decoded or kept."""
+        return max(self.processor.image_size * self.processor.high_res_grid, VIEW_SIZE)
+
+    def load_image(self, source) -> Image.Image:
+        """A user's image, checked against the demo's limits and decoded straight to at most `image_side`
+        pixels on its longest side (raises InvalidInputError with the reason)."""
+        if isinstance(source, str) and not os.path.exists(source):
+            raise InvalidInputError(
+                "the attached file is no longer on the server (an upload is kept until its message is answered); "
+                "please attach it again."
+            )
+        return load_image(
+            source,
+            max_pixels=IMAGE_MAX_PIXELS,
+            max_side=IMAGE_MAX_SIDE,
+            max_aspect=IMAGE_MAX_ASPECT,
+            max_decode_bytes=IMAGE_DECODE_BYTES,
+            fit=self.image_side,
+        )
+
     def outside_world(self, image: Image.Image) -> str | None:
         """The notice for a picture outside the model's training world, or None (also when there is no check)."""
         if self.world_check is None or not self.world_check.is_outside(self.model, self.processor, image):
@@ -367,23 +436,34 @@ class ChatEngine:
         )
 
     def _cut_question(self, exchange: Exchange, length: int, budget: int) -> tuple[Exchange, int]:
+        """Cut the question's end so the prompt fits `budget` tokens.
+
+        Tokens are counted on the text as the prompt carries it (escaped: a typed "<image>" or special token is
+        several plain tokens there), and the cut falls between characters (the start of the first token left
+        out), never inside one. Tokenizing a cut again can merge tokens differently, so it is checked and cut
+        again if needed."""
         tokenizer = self.processor.tokenizer
         marker = " [...]"
-        # Decoding a cut and tokenizing it again can merge tokens differently, so check and cut again.
-        for _ in range(4):
-            ids = tokenizer(exchange.question, add_special_tokens=False)["input_ids"]
-            keep = len(ids) - (length - budget) - len(tokenizer(marker, add_special_tokens=False)["input_ids"])
-            if keep <= 0:
-                raise PromptTooLongError(
-                    f"The image and the chat template alone need about {length - len(ids)} of the model's "
-                    f"{self.context_length} tokens, leaving no room for an answer of "
-                    f"{self.context_length - budget} tokens; lower the maximum number of new tokens."
-                )
-            exchange = replace(exchange, question=tokenizer.decode(ids[:keep]) + marker)
+        marker_tokens = len(tokenizer(marker, add_special_tokens=False)["input_ids"])
+        text = self.processor.escape_text(exchange.question)  # escaping again changes nothing
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        own = len(encoded["input_ids"])
+        if length - own + marker_tokens >= budget:
+            raise PromptTooLongError(
+                f"The image and the chat template alone need about {length - own} of the model's "
+                f"{self.context_length} tokens, leaving no room for an answer of {self.context_length - budget} "
+                "tokens; lower the maximum number of new tokens."
+            )
+        keep = own - (length - budget) - marker_tokens
+        while keep > 0:
+            cut = text[: encoded["offset_mapping"][keep][0]].rstrip()
+            exchange = replace(exchange, question=cut + marker)
             length = self.count_tokens(to_messages([exchange]))
             if length <= budget:
                 return exchange, length
-        raise PromptTooLongError("The question could not be cut to fit the model's context.")
+            keep -= max(1, length - budget)
+        exchange = replace(exchange, question=marker.strip())
+        return exchange, self.count_tokens(to_messages([exchange]))
 
     # --- generation ----------------------------------------------------------------------------------------
     def stream(
@@ -435,7 +515,7 @@ class ChatEngine:
             raise outcome["error"]
         token_ids = outcome["sequences"][0, prompt.length :].tolist()
         cost = self._cost(prompt, streamer, started, memory)
-        view = None if prompt.image is None else self.padded_view(prompt.image)
+        view = None if prompt.image is None else self.padded_view(fit_within(prompt.image, self.image_side))
         yield Streamed(text, Answer(text, token_ids, prompt, settings, outcome.get("stats"), cost, view))
 
     def padded_view(self, image: Image.Image) -> Image.Image:
@@ -550,8 +630,9 @@ TurnStatus = Literal["pending", "done", "stopped", "failed"]
 @dataclass
 class Turn:
     question: str
-    image: Image.Image | None = None  # the image sent with this question: it starts a new image context
-    attachment: str | None = None  # the file the user attached (shown in the transcript if it loaded)
+    image: Image.Image | None = None  # the image sent with this question, at most `ChatEngine.image_side`
+    attachment: str | None = None  # the image's preview file, shown in the transcript (the upload is never kept)
+    new_image: bool = False  # an image loaded with this question: it starts a new image context
     answer: str = ""
     notices: list[str] = field(default_factory=list)
     error: str | None = None
@@ -608,45 +689,140 @@ def format_scales(scales: Sequence[float]) -> str:
     return "[" + ", ".join(f"{s:g}" for s in scales) + "]"
 
 
+def clean_text(value) -> tuple[str | None, list[str]]:
+    """A question as a client sent it -> (text fit for the tokenizer, notices), or (None, [why not])."""
+    if value is None:
+        return "", []
+    if not isinstance(value, str):
+        return None, [f"⚠️ The message text must be a string, not {type(value).__name__}."]
+    notices = []
+    text, replaced = _SURROGATES.subn("\ufffd", value)
+    if replaced:
+        notices.append(
+            f"Your message had {replaced} broken character(s) (unpaired UTF-16 surrogates); each was replaced by �."
+        )
+    if len(text) > MAX_QUESTION_CHARS:
+        notices.append(f"Your message had {len(text):,} characters; only the first {MAX_QUESTION_CHARS:,} were read.")
+        text = text[:MAX_QUESTION_CHARS]
+    return text.strip(), notices
+
+
+def _delete_files(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    paths.clear()
+
+
 @dataclass
 class ChatSession:
-    """One user's conversation. Kept in the UI's session state; plain data, so it can be copied and pickled."""
+    """One user's conversation. Kept in the UI's session state; plain data, so it can be copied and pickled.
+
+    Bounded: it keeps its latest MAX_KEPT_TURNS turns, only the latest image context's image (at most
+    `ChatEngine.image_side` pixels; earlier turns keep a preview file for the transcript), and the latest answer.
+    With `preview_dir` set, `transcript` writes each image's preview there as a PNG (once; an API client, which
+    never asks for the transcript, gets none); the session deletes its previews when
+    their turns are dropped, when it is cleared or closed, and when it is garbage-collected (a chat that expired).
+    """
 
     turns: list[Turn] = field(default_factory=list)
     last_answer: Answer | None = None
+    preview_dir: str | None = None
+    files: list[str] = field(default_factory=list)  # preview files this session wrote and still shows
 
     def context(self) -> list[Turn]:
         """The turns re-sent with the next question: those since the latest image, failed ones left out."""
         kept = [turn for turn in self.turns if turn.in_context]
-        starts = [i for i, turn in enumerate(kept) if turn.image is not None]
+        starts = [i for i, turn in enumerate(kept) if turn.new_image]
         return kept[starts[-1] :] if starts else kept
 
     def clear(self) -> None:
+        self._forget(self.turns)
         self.turns.clear()
         self.last_answer = None
 
+    def close(self) -> None:
+        """Forget everything and delete the session's files (the chat expired or its page was closed)."""
+        self.clear()
+        _delete_files(self.files)
+
+    def _forget(self, turns: Sequence[Turn]) -> None:
+        """Delete the preview files of `turns`."""
+        gone = [turn.attachment for turn in turns if turn.attachment in self.files]
+        for path in gone:
+            self.files.remove(path)
+        _delete_files(gone)
+
+    def _write_preview(self, image: Image.Image) -> str | None:
+        if self.preview_dir is None:
+            return None
+        os.makedirs(self.preview_dir, exist_ok=True)
+        path = os.path.join(self.preview_dir, f"{uuid.uuid4().hex}.png")
+        image.save(path)
+        if not self.files:  # the first file: delete them all when the session is collected
+            weakref.finalize(self, _delete_files, self.files)
+        self.files.append(path)
+        return path
+
+    def _preview(self, turn: Turn) -> None:
+        if turn.new_image and turn.attachment is None and turn.image is not None:
+            turn.attachment = self._write_preview(turn.image)
+
+    def _add_turn(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        if len(self.turns) > MAX_KEPT_TURNS:
+            dropped = self.turns[: len(self.turns) - MAX_KEPT_TURNS]
+            del self.turns[: len(dropped)]
+            self._forget(dropped)
+            turn.notices.append(
+                f"This chat keeps its latest {MAX_KEPT_TURNS} turns: the oldest turn (and its image, if it had "
+                "one) is no longer kept."
+            )
+
     def ask(
-        self, engine: ChatEngine, question: str, image=None, settings: GenerationSettings | None = None
+        self,
+        engine: ChatEngine,
+        question,
+        image=None,
+        settings: GenerationSettings | None = None,
+        notices: Sequence[str] = (),
+        wanted: Callable[[], bool] | None = None,
     ) -> Iterator[Turn]:
         """Add a turn and stream its answer; yields the turn after each update.
 
-        `image` is anything `load_image` takes (a path is also shown in the transcript). A bad image or any
-        error while answering ends the turn with an error message (logged with its traceback); the turns
-        before it are kept and the next question works as usual.
+        `question` is the text as the client sent it (anything: a non-string fails the turn with a message);
+        `image` is anything `load_image` takes, decoded to at most `engine.image_side` pixels; `notices` go
+        before the answer. `wanted()` is asked before the image is decoded and before generating: once it
+        says False (the client left), the turn ends as stopped and nothing more is decoded. A bad image, bad
+        settings or any error while answering end the turn with an error message (logged); the turns before it
+        are kept and the next question works as usual.
         """
         settings = settings or GenerationSettings(max_new_tokens=engine.max_new_tokens)
         history = self.context()
-        turn = Turn(question=question.strip(), attachment=image if isinstance(image, str) else None)
-        self.turns.append(turn)
+        text, text_notices = clean_text(question)
+        turn = Turn(question=text if text is not None else "", notices=[*notices, *text_notices])
+        self._add_turn(turn)
         self.last_answer = None
         yield turn
-        if not turn.question and image is None:
-            turn.status, turn.error = "failed", "⚠️ The message is empty: type a question or attach an image."
+        problem = (
+            turn.notices.pop()
+            if text is None
+            else settings.problem()
+            or (None if text or image is not None else "⚠️ The message is empty: type a question or attach an image.")
+        )
+        if problem is not None:
+            turn.status, turn.error = "failed", problem
             yield turn
             return
+        still_wanted = wanted or (lambda: True)
         try:
             if image is not None:
-                turn.image = load_image(image)
+                if not still_wanted():
+                    return
+                turn.image = engine.load_image(image)
+                turn.new_image = True
                 outside = engine.outside_world(turn.image)
                 if outside is not None:
                     turn.notices.append(outside)
@@ -656,6 +832,8 @@ class ChatSession:
             exchanges = [Exchange(t.question, t.image, t.answer) for t in history]
             prompt = engine.build_prompt([*exchanges, Exchange(turn.question, turn.image)], settings.max_new_tokens)
             turn.notices.extend(prompt.notices)
+            if not still_wanted():
+                return
             with closing(engine.stream(prompt, settings)) as updates:  # closed early: generate stops first
                 for update in updates:
                     turn.answer = update.text
@@ -670,10 +848,17 @@ class ChatSession:
                 logger.exception("Answering failed")
             turn.status, turn.error = "failed", error_message(error)
         finally:
-            if turn.status == "pending":  # the consumer closed the stream: the user stopped the answer
+            if turn.status == "pending":  # the consumer closed the stream, or the client left
                 turn.status = "stopped"
+            if turn.new_image and turn.in_context:  # earlier images are no longer sent: keep only their previews
+                for earlier in self.turns[:-1]:
+                    self._preview(earlier)  # the transcript still shows it
+                    earlier.image = None
+        if turn.status == "failed" or image is not None:
+            # After the except block (until it ends, an error keeps the failed step alive), and after every
+            # image: its decode buffers go back to the system instead of staying in the heap.
+            release_memory()
         if turn.status == "failed":
-            release_memory()  # here, after the except block: until it ends, the error keeps the failed step alive
             yield turn
 
     def retry(self, engine: ChatEngine, settings: GenerationSettings | None = None) -> Iterator[Turn]:
@@ -681,7 +866,8 @@ class ChatSession:
         if not self.turns:
             return
         last = self.turns.pop()
-        yield from self.ask(engine, last.question, last.attachment or last.image, settings)
+        self._forget([last])
+        yield from self.ask(engine, last.question, last.image, settings)
 
     def compare(self, engine: ChatEngine, scales: Sequence[float]) -> Iterator[Comparison]:
         """Regenerate the last answer with the shortcuts scaled by `scales` and score the original answer
@@ -709,9 +895,8 @@ class ChatSession:
         content is its image file (as {"path": ...}) and its text."""
         messages = []
         for turn in self.turns:
-            # While the answer is pending the image may still be loading; show it unless it failed to load.
-            shown = turn.attachment is not None and (turn.image is not None or turn.status == "pending")
-            content: list = [{"path": turn.attachment}] if shown else []
+            self._preview(turn)  # written when first shown: an API chat with one image writes none
+            content: list = [] if turn.attachment is None else [{"path": turn.attachment}]
             if turn.question:
                 content.append(turn.question)
             messages.append({"role": "user", "content": content})

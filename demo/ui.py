@@ -10,21 +10,27 @@ Endpoints (see README, "Demo"): `/chat` takes {"text": ..., "files": [...]} and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, closing
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
+from gradio.utils import get_upload_folder
+from starlette.middleware import Middleware
 
 from demo.engine import ChatEngine, ChatSession, GenerationSettings
 from demo.examples import EXAMPLES_DIR, Example
 from demo.hosting import gpu
+from demo.uploads import FILE_MAX_AGE_S, MAX_REQUEST_BYTES, PREVIEWS, RequestSizeLimit, Uploads
 from sparsecut.inspection import VIEW_SIZE, Visuals, patch_at, render_visuals
 from sparsecut.inspection.visuals import NO_IMAGE
 
 MAX_QUEUE = 32  # requests waiting beyond this are turned away with "queue full"
 MAX_UPLOAD = "10mb"
+MAX_SESSIONS = 64  # chats kept in memory; one more drops the least recently used
+SESSION_TTL_S = 900  # a chat not used for this long expires (its memory and its files are freed)
 MODEL_EVENTS = "model"  # concurrency id shared by every event that runs the model: one generation at a time
 
 HEADER = """# SparseCut: sparse shortcuts, looked into
@@ -35,17 +41,41 @@ the answer **cost** against LLaVA-1.5 and against appending the high-res tokens.
 that produced the answer (where it came from: from one more pass, run once the answer is complete)."""
 
 
-def _message_parts(message: dict | None) -> tuple[str, str | None]:
-    """A MultimodalTextbox value -> (text, the last attached file or None)."""
-    message = message or {}
-    files = message.get("files") or []
-    last = files[-1] if files else None
-    path = last.get("path") if isinstance(last, dict) else last
-    return message.get("text") or "", path
+def _file_paths(message) -> list[str]:
+    files = message.get("files") if isinstance(message, dict) else None
+    files = files if isinstance(files, (list, tuple)) else []
+    paths = [f.get("path") if isinstance(f, dict) else f for f in files]
+    return [path for path in paths if isinstance(path, str) and path]
 
 
-def _settings(max_new_tokens: float, temperature: float, top_p: float) -> GenerationSettings:
-    return GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
+def _message_parts(message) -> tuple[object, str | None, list[str]]:
+    """A MultimodalTextbox value -> (its text as sent, the first attached file or None, notices). One image is
+    used per message; the notice says so when more were attached."""
+    text = message.get("text") if isinstance(message, dict) else message
+    paths = _file_paths(message)
+    notices = []
+    if len(paths) > 1:
+        notices.append(f"One image per message: the first was used, the other {len(paths) - 1} were not.")
+    return text, (paths[0] if paths else None), notices
+
+
+def _settings(max_new_tokens, temperature, top_p) -> GenerationSettings:
+    """Never raises: a value that cannot be used is refused in the chat (`GenerationSettings.problem`)."""
+    return GenerationSettings.from_values(max_new_tokens, temperature, top_p)
+
+
+def _still_wanted(request: gr.Request | None, demo_queue: Callable) -> Callable[[], bool]:
+    """Whether the client of this request is still there: False once Gradio has marked its running event dead
+    (the client cancelled or its event stream closed)."""
+    session = getattr(request, "session_hash", None)
+
+    def wanted() -> bool:
+        queue = demo_queue()
+        jobs = getattr(queue, "active_jobs", None) or []
+        events = [event for job in jobs if job for event in job if getattr(event, "session_hash", None) == session]
+        return not events or any(getattr(event, "alive", True) for event in events)
+
+    return wanted
 
 
 def _textbox(busy: bool, **update) -> gr.MultimodalTextbox:
@@ -270,8 +300,8 @@ PANELS = 12  # the length of `_blank_panels` and `show_panels`
 
 
 def take_message(message: dict, state: ChatSession) -> tuple:
-    text, path = _message_parts(message)
-    shown = ([{"path": path}] if path else []) + ([text] if text else [])
+    text, path, _ = _message_parts(message)
+    shown = ([{"path": path}] if path else []) + ([text] if isinstance(text, str) and text else [])
     preview = [*state.transcript(), {"role": "user", "content": shown}]
     pending = {**(message or {}), "turns_before": len(state.turns)}  # to tell a refused request from a stopped one
     return pending, _textbox(busy=True), preview
@@ -293,15 +323,36 @@ def stopped(state: ChatSession) -> tuple:
     return state.transcript(), _textbox(busy=False, value=None), *_blank_panels(STOPPED)
 
 
-def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
-    """The events that use `engine`: those that run the model (each under `gpu`), and those that need its shape."""
+def _model_handlers(engine: ChatEngine, uploads: Uploads, queue: Callable) -> SimpleNamespace:
+    """The events that use `engine`: those that run the model (each under `gpu`), and those that need its shape.
+    The uploads of a message are held while its request runs and deleted after it (`Uploads.claimed`)."""
     side = engine.config.patches_per_side
 
+    def holding(message) -> ExitStack:
+        stack = ExitStack()
+        for path in _file_paths(message):
+            stack.enter_context(uploads.claimed(path))
+        return stack
+
     @gpu
-    def respond(message: dict, state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c, token):
-        text, path = _message_parts(message)
-        turns = state.ask(engine, text, path, _settings(n, t, p))
-        yield from stream_turns(engine, state, turns, k, vision_layer, r, c, token)
+    def respond(
+        message: dict,
+        state: ChatSession,
+        n: float,
+        t: float,
+        p: float,
+        k,
+        vision_layer,
+        r,
+        c,
+        token,
+        request: gr.Request,
+    ):
+        text, path, notices = _message_parts(message)
+        with holding(message):
+            wanted = _still_wanted(request, queue)
+            turns = state.ask(engine, text, path, _settings(n, t, p), notices, wanted)
+            yield from stream_turns(engine, state, turns, k, vision_layer, r, c, token)
 
     @gpu
     def retry(state: ChatSession, n: float, t: float, p: float, k, vision_layer, r, c, token):
@@ -345,11 +396,14 @@ def _model_handlers(engine: ChatEngine) -> SimpleNamespace:
         return visuals.chart, visuals.shortcut_map, visuals.fusion_map, visuals.query_map, info
 
     @gpu
-    def chat(message: dict, state: ChatSession, max_new_tokens: float, temperature: float, top_p: float):
+    def chat(
+        message: dict, state: ChatSession, max_new_tokens: float, temperature: float, top_p: float, request: gr.Request
+    ):
         """Ask a question (`message` = {"text": ..., "files": [image]}); streams the reply. Follow-ups in the
         same client session keep the conversation; a new image starts a new image context."""
-        text, path = _message_parts(message)
-        with closing(state.ask(engine, text, path, _settings(max_new_tokens, temperature, top_p))) as turns:
+        text, path, notices = _message_parts(message)
+        settings, wanted = _settings(max_new_tokens, temperature, top_p), _still_wanted(request, queue)
+        with holding(message), closing(state.ask(engine, text, path, settings, notices, wanted)) as turns:
             for turn in turns:
                 yield turn.reply(), state
 
@@ -430,10 +484,41 @@ def _wire_api(api: SimpleNamespace, chat: SimpleNamespace, handlers: SimpleNames
     )
 
 
-def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Blocks:
-    """The demo's Blocks for `engine` (one shared model) with clickable `examples`."""
+def _queued_requests_name(demo: gr.Blocks, path: str) -> bool:
+    """Whether a request waiting in the demo's queue names the file `path` (another client's upload of the same
+    content is the same file)."""
+    queue = getattr(demo, "_queue", None)
+    waiting = getattr(queue, "event_queue_per_concurrency_id", {}) or {}
+    for line in list(waiting.values()):
+        for event in list(getattr(line, "queue", [])):
+            data = getattr(event, "data", None)
+            if data is not None and path in repr(getattr(data, "data", data)):
+                return True
+    return False
+
+
+def _close_session(session) -> None:
+    if isinstance(session, ChatSession):
+        session.close()
+
+
+def _end_sessions_of_closed_pages(demo: gr.Blocks) -> None:
+    """A page that closes ends its chat at once (Gradio would keep a closed page's state for an hour)."""
+
+    def end(request: gr.Request) -> None:
+        holder = getattr(demo, "state_holder", None)
+        if holder is not None and request is not None and request.session_hash:
+            holder.delete_state(request.session_hash)
+
+    demo.unload(end)
+
+
+def build_demo(engine: ChatEngine, examples: Sequence[Example] = (), session_ttl: float = SESSION_TTL_S) -> gr.Blocks:
+    """The demo's Blocks for `engine` (one shared model) with clickable `examples`; a chat idle for
+    `session_ttl` seconds expires. `demo.uploads` is the upload folder's keeper, which `launch` starts."""
+    previews = str(Path(get_upload_folder()).resolve() / PREVIEWS)
     with gr.Blocks(title="SparseCut demo") as demo:
-        session = gr.State(ChatSession())
+        session = gr.State(ChatSession(preview_dir=previews), time_to_live=session_ttl, delete_callback=_close_session)
         pending = gr.State(None)  # the submitted message, saved while the textbox is cleared
         gr.Markdown(HEADER)
         gr.Markdown(f"**Model**: {engine.describe()}")
@@ -451,10 +536,16 @@ def build_demo(engine: ChatEngine, examples: Sequence[Example] = ()) -> gr.Block
             with gr.Column(scale=6):
                 panels = _panel_tabs(engine)
         api = _api_components(engine)
-        handlers = _model_handlers(engine)
+        demo.uploads = Uploads(
+            get_upload_folder(),
+            keep=lambda: {path for block in demo.blocks.values() for path in getattr(block, "keep_in_cache", ())},
+            wanted=lambda path: _queued_requests_name(demo, path),
+        )
+        handlers = _model_handlers(engine, demo.uploads, lambda: getattr(demo, "_queue", None))
         _wire_chat(chat, panels, handlers, session, pending)
         _wire_panels(panels, handlers, session)
         _wire_api(api, chat, handlers, session)
+        _end_sessions_of_closed_pages(demo)
     return demo
 
 
@@ -465,15 +556,26 @@ def launch(
     share: bool = False,
     max_queue: int = MAX_QUEUE,
     max_upload: str | int = MAX_UPLOAD,
+    max_request: int = MAX_REQUEST_BYTES,
+    max_sessions: int = MAX_SESSIONS,
+    file_max_age: float = FILE_MAX_AGE_S,
     **kwargs,
 ):
     """Queue and serve the demo with its limits: one generation at a time (MODEL_EVENTS), `max_queue` requests
     waiting (one more is refused at once with HTTP 503, which the page shows as "This application is currently
-    busy"), uploads up to `max_upload` ("10mb", or bytes; larger ones get HTTP 413). Only Gradio's own files,
+    busy"), uploads up to `max_upload` per file ("10mb", or bytes; larger ones get HTTP 413) and `max_request`
+    bytes per request in all (HTTP 413), `max_sessions` chats in memory (the least recently used is dropped), and
+    files no request holds and no chat shows deleted after `file_max_age` seconds. Only Gradio's own files,
     uploads and the example scenes are served. host/port None: Gradio's defaults (127.0.0.1:7860, or the
     GRADIO_SERVER_NAME / GRADIO_SERVER_PORT a host such as Spaces sets). Returns what `gr.Blocks.launch`
     returns."""
     demo.queue(max_size=max_queue, default_concurrency_limit=2)
+    uploads = getattr(demo, "uploads", None)
+    if uploads is not None:
+        uploads.max_age = file_max_age
+        uploads.start()
+    app_kwargs = kwargs.pop("app_kwargs", None) or {}
+    app_kwargs.setdefault("middleware", []).append(Middleware(RequestSizeLimit, max_bytes=max_request))
     return demo.launch(
         server_name=host,
         server_port=port,
@@ -482,5 +584,7 @@ def launch(
         allowed_paths=[str(EXAMPLES_DIR)],
         show_error=False,  # exceptions stay in the terminal's log; the page shows the chat's messages
         footer_links=["api", "gradio"],
+        state_session_capacity=max_sessions,
+        app_kwargs=app_kwargs,
         **kwargs,
     )

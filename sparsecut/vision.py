@@ -70,6 +70,17 @@ def resize_square(image: Image.Image, size: int, mode: str) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
+def fit_within(image: Image.Image, side: int) -> Image.Image:
+    """The image scaled down (never up, aspect kept) to a longest side of at most `side` pixels: padding it to a
+    square afterwards then costs side * side pixels, not the square of its own longest side."""
+    width, height = image.size
+    if max(width, height) <= side:
+        return image
+    scale = side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def crops_per_side(grid: int, overlap: bool) -> int:
     """High-res crops per side: grid, or 2 * grid - 1 when they overlap by half a crop."""
     return 2 * grid - 1 if overlap else grid

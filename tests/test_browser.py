@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from PIL import Image
-from test_app import chat_request, endless_generate, scripted_generate, serving
+from test_app import chat_request, endless_generate, free_port, scripted_generate, serving, wait_for
 from test_server import blocking_generate
 
-from demo.engine import ChatEngine
+from demo.engine import ChatEngine, ChatSession
 from demo.examples import load_examples
+from demo.ui import build_demo, launch
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -186,3 +187,38 @@ def test_an_example_the_relevance_panel_stop_and_clear_leave_the_page_in_clear_s
             assert abs(cleared[0] - start[0]) < 2 and abs(cleared[1] - start[1]) < 2
         finally:
             browser.close()
+
+
+def test_closing_the_page_ends_its_chat_and_deletes_its_previews():
+    example = load_examples()[0]
+    engine = ChatEngine.load("tiny", max_new_tokens=4)
+    engine.model.generate = scripted_generate(engine, ANSWER, delay=0)
+    demo = build_demo(engine)
+    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+
+    def chats() -> list[ChatSession]:
+        sessions = list(demo.state_holder.session_data.values())
+        return [value for s in sessions for value in s.state_data.values() if isinstance(value, ChatSession)]
+
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(url)
+                page.locator("input[data-testid='file-upload']").set_input_files(str(example.image))
+                question = page.get_by_placeholder("Attach an image")
+                question.fill(example.question)
+                question.press("Enter")
+                page.locator("#chat [data-testid='bot']").get_by_text(ANSWER).wait_for()
+                [chat] = [c for c in chats() if c.turns]
+                [preview] = chat.files  # the image the chat shows
+                assert Path(preview).is_file()
+                page.close()
+                assert wait_for(lambda: not any(c.turns for c in chats()), timeout=30)
+                assert not Path(preview).exists()
+            finally:
+                browser.close()
+    finally:
+        demo.close()

@@ -719,3 +719,105 @@ def test_fuzz_generated_images(
     assert loaded.mode == "RGB"
     # BMP and GIF cannot carry EXIF, so only their stored size is expected.
     assert loaded.size == (upright if fmt not in ("BMP", "GIF") else (width, height))
+
+
+# --- Bounded loading (fit, side, aspect ratio, decode size) -------------------------------------------------
+FIT_CASES = [
+    ("RGB", (200, 30, 30), (200, 30, 30)),
+    ("RGBA", (200, 30, 30, 0), WHITE),
+    ("LA", (0, 255), (0, 0, 0)),
+    ("L", 77, (77, 77, 77)),
+    ("P", 0, (0, 0, 0)),
+    ("1", 1, WHITE),
+    ("I;16", 32768, (128, 128, 128)),
+]
+
+
+@pytest.mark.parametrize(("mode", "value", "expected"), FIT_CASES, ids=[case[0] for case in FIT_CASES])
+def test_fit_decodes_any_mode_straight_to_a_small_rgb_image(mode: str, value, expected) -> None:
+    source = Image.new(mode, (1000, 500), value)
+    for label, loaded in [("PIL", load_image(source, fit=100)), ("PNG", load_image(encode(source, "PNG"), fit=100))]:
+        assert (loaded.mode, loaded.size) == ("RGB", (100, 50)), label
+        assert_close(rgb_at(loaded, 50, 25), expected), label
+
+
+def test_fit_keeps_the_picture_and_never_enlarges() -> None:
+    marked = marked_image()  # red in the top-left quarter
+    big = marked.resize((marked.width * 50, marked.height * 50), Image.Resampling.NEAREST)
+    for fmt in ("PNG", "JPEG"):
+        loaded = load_image(encode(big, fmt, quality=95), fit=80)
+        assert loaded.size == (80, 40) and red_corner(loaded) == "top-left", fmt
+    assert load_image(marked, fit=1000).size == marked.size
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_fit_applies_the_exif_orientation(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    big = marked_image().resize((400, 200), Image.Resampling.NEAREST)
+    loaded = load_image(encode(big, "JPEG", exif=exif, quality=95), fit=20)
+    corner, size = ORIENTATIONS[orientation]
+    assert (red_corner(loaded), loaded.size) == (corner, (size[0] // 2, size[1] // 2))
+
+
+def test_a_thin_image_fits_without_a_square_of_its_longest_side() -> None:
+    loaded = load_image(encode(Image.new("RGB", (100_000, 1), RED), "PNG"), fit=384)
+    assert loaded.size == (384, 1) and rgb_at(loaded, 100, 0) == RED
+
+
+@pytest.mark.parametrize(
+    ("size", "limits", "message"),
+    [
+        ((20_000, 10), {"max_aspect": 20}, "The image is 20000×10, 2,000 times wider than tall; the limit is 20:1"),
+        ((10, 300), {"max_aspect": 20}, "30 times taller than wide"),
+        ((13_000, 1000), {"max_side": 12_000}, "The image is 13000×1000; the longest side may be at most 12,000"),
+    ],
+)
+def test_side_and_aspect_limits_are_checked_from_the_header(size, limits, message) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        load_image(png_bytes(*size), **limits)
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "allowed"),
+    [
+        (Image.new("RGB", (3000, 3000)), "PNG", "8.4 megapixels"),
+        (Image.new("L", (6000, 6000)), "PNG", "33.6 megapixels"),
+        (Image.new("RGB", (2000, 1200)), "WEBP", "2.1 megapixels"),
+        (Image.new("I;16", (2000, 1500)), "PNG", "2.8 megapixels"),
+    ],
+    ids=["RGB PNG", "greyscale PNG", "WebP", "16-bit PNG"],
+)
+def test_formats_decoded_at_full_size_are_limited_by_their_decoded_size(image, fmt, allowed) -> None:
+    data = encode(image, fmt)
+    with pytest.raises(InvalidInputError, match=f"may have at most {allowed} here"):
+        load_image(data, fit=384, max_decode_bytes=32 * 2**20)
+    assert load_image(data, fit=384).size[0] == 384  # without the limit it loads
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale_beyond_the_decode_limit() -> None:
+    data = encode(Image.new("RGB", (6000, 4000), RED), "JPEG")
+    loaded = load_image(data, fit=384, max_decode_bytes=32 * 2**20)
+    assert loaded.size == (384, 256) and rgb_at(loaded, 10, 10)[0] > 240
+
+
+def test_fitting_the_largest_png_within_the_limits_takes_little_memory(tmp_path: Path) -> None:
+    # RGBA at 8 megapixels: 32 MB decoded. Converting or resizing it whole would take two more copies.
+    path = tmp_path / "large.png"
+    Image.new("RGBA", (4000, 2000), (10, 200, 10, 128)).save(path)
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, resource
+
+        spec = importlib.util.spec_from_file_location("images", {str(IMAGES_MODULE)!r})
+        images = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(images)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        image = images.load_image({str(path)!r}, fit=384, max_decode_bytes=32 * 2**20)
+        assert image.size == (384, 192), image.size
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert int(result.stdout) / 1024 < 45  # MB: the decoded image and a strip, not three full copies

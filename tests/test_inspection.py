@@ -371,7 +371,7 @@ def test_every_prompt_fits_its_answer_and_keeps_image_tokens_whole(
 
 # --- sessions -----------------------------------------------------------------------------------------------
 def test_follow_ups_keep_the_image_and_a_new_image_starts_a_new_context(engine, tmp_path):
-    session = ChatSession()
+    session = ChatSession(preview_dir=str(tmp_path / "previews"))
     path = tmp_path / "a.png"
     random_image(6).save(path)
     first = ask(session, engine, "What is it?", str(path))
@@ -384,12 +384,14 @@ def test_follow_ups_keep_the_image_and_a_new_image_starts_a_new_context(engine, 
     second = ask(session, engine, "What about this one?", random_image(7))
     assert "New image" in second.notices[0]
     assert len(session.last_answer.prompt.messages) == 1 and session.context() == [second]
-    assert session.transcript()[0]["content"] == [{"path": str(path)}, "What is it?"]
+    shown, question = session.transcript()[0]["content"]  # a preview the session wrote, not the upload
+    assert question == "What is it?" and shown["path"].startswith(str(tmp_path / "previews"))
+    assert Image.open(shown["path"]).size == Image.open(path).size  # small images are kept as they are
 
 
 def test_images_of_any_mode_and_shape_are_accepted(engine):
     session = ChatSession()
-    for image in (Image.new("LA", (300, 2)), Image.new("P", (3, 90)), Image.new("I;16", (40, 40), 60000)):
+    for image in (Image.new("LA", (300, 15)), Image.new("P", (5, 90)), Image.new("I;16", (40, 40), 60000)):
         assert ask(session, engine, "What is it?", image).status == "done"
         assert session.last_answer.view.size[0] == session.last_answer.view.size[1]  # padded to a square
 

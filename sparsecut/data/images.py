@@ -12,15 +12,21 @@ Normalisation rules, chosen so the same input always gives the same pixels:
   Broken or out-of-range orientation data is ignored rather than failing the load.
 * Transparency is composited over white.
 * High-bit-depth greyscale is scaled down to 8 bits rather than clipped (see `_high_bit_depth_to_l`).
+
+Bounding (for servers): `fit` scales the result down to a longest side of at most `fit` pixels while it is
+decoded, so no full-size RGB copy is ever made: JPEG is decoded at a reduced scale, other formats are converted
+and reduced strip by strip. `max_side`, `max_aspect` and `max_decode_bytes` refuse, from the header, images
+longer, thinner or (for formats that must be decoded at full size) larger to decode than a server wants.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -66,11 +72,39 @@ _HEIF_BRANDS = {
 }
 
 
+# Formats Pillow can decode at a reduced scale (`Image.draft`): 1/2, 1/4 or 1/8 of each side.
+_DRAFT_FORMATS = ("JPEG", "MPO")
+_STRIP_BYTES = _MIB  # rows converted at a time when reducing an image strip by strip
+
+# EXIF orientation -> the transpose that makes the image upright (what ImageOps.exif_transpose applies).
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class _Limits(NamedTuple):
+    max_pixels: int
+    max_side: int | None = None
+    max_aspect: float | None = None
+    max_decode_bytes: int | None = None
+    fit: int | None = None
+
+
 def load_image(
     source: str | os.PathLike[str] | bytes | bytearray | IO[bytes] | np.ndarray | Image.Image,
     *,
     max_pixels: int = 100_000_000,
     max_bytes: int = 50 * _MIB,
+    fit: int | None = None,
+    max_side: int | None = None,
+    max_aspect: float | None = None,
+    max_decode_bytes: int | None = None,
 ) -> Image.Image:
     """Load `source` as a fully decoded RGB image.
 
@@ -79,19 +113,25 @@ def load_image(
     multi-frame PIL image is left positioned at its first frame.
 
     `max_pixels` bounds width × height for every kind of input; `max_bytes` bounds the encoded size
-    of paths, bytes and file objects (at most `max_bytes + 1` bytes are ever read).
+    of paths, bytes and file objects (at most `max_bytes + 1` bytes are ever read). `max_side` bounds
+    the longest side, `max_aspect` the ratio of the longest side to the shortest, and
+    `max_decode_bytes` the memory that decoding an image in a format that cannot be decoded at a
+    reduced scale (all but JPEG) takes, estimated from its size and mode (`decode_bytes_per_pixel`).
+    `fit` scales the result down (never up) to a longest side of `fit` pixels, aspect kept, without
+    making a full-size RGB copy (see the module docstring).
 
     The returned image is always a new object: it shares no pixels with `source` and holds no file.
 
     Raises:
         InvalidInputError: with a human-readable reason, for anything that is not a loadable image.
     """
+    limits = _Limits(max_pixels, max_side, max_aspect, max_decode_bytes, fit)
     if isinstance(source, Image.Image):
         # A caller's image may still be lazily backed by a file, so it gets the same guards as bytes.
-        return _to_loaded_rgb(source, max_pixels)
+        return _to_loaded_rgb(source, limits)
     if isinstance(source, np.ndarray):
-        return _from_array(source, max_pixels)
-    return _decode(_read_source(source, max_bytes), max_pixels)
+        return _from_array(source, limits)
+    return _decode(_read_source(source, max_bytes), limits)
 
 
 def image_summary(img: Image.Image) -> str:
@@ -164,7 +204,7 @@ def _read_stream(stream: IO[bytes], max_bytes: int) -> bytes:
 # --- Decoding -------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
+def _decode(data: bytes, limits: _Limits) -> Image.Image:
     _reject_known_unsupported(data)
     try:
         image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
@@ -173,11 +213,11 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             f"The file is not an image in a supported format (got {_describe_bytes(data)}); please upload {_SUPPORTED}."
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(_bomb_message(exc, max_pixels)) from exc
+        raise InvalidInputError(_bomb_message(exc, limits.max_pixels)) from exc
     except Exception as exc:  # Pillow's plugins raise many types on malformed headers
         raise InvalidInputError(f"The image header is corrupt: {exc}") from exc
     with image:
-        return _to_loaded_rgb(image, max_pixels)
+        return _to_loaded_rgb(image, limits)
 
 
 def _reject_known_unsupported(data: bytes) -> None:
@@ -194,36 +234,104 @@ def _reject_known_unsupported(data: bytes) -> None:
         raise InvalidInputError(f"{kind} images are not supported; please upload {_SUPPORTED}.")
 
 
-def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
+def _from_array(array: np.ndarray, limits: _Limits) -> Image.Image:
     if array.dtype != np.uint8:
         raise InvalidInputError(f"Image arrays must have dtype uint8, got {array.dtype}.")
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise InvalidInputError(f"Image arrays must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
     height, width = array.shape[:2]
-    _check_size(width, height, max_pixels)
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+    _check_size(width, height, limits)
+    image = Image.fromarray(np.ascontiguousarray(array))
+    return _fit_rgb(image, limits.fit) if limits.fit else _to_rgb(image)
 
 
-def _to_loaded_rgb(image: Image.Image, max_pixels: int) -> Image.Image:
+def _to_loaded_rgb(image: Image.Image, limits: _Limits) -> Image.Image:
     """Decode frame 0 of a (possibly lazy) image and return it upright, as a new RGB image."""
     try:
         image.seek(0)
         # `size` comes from the header; checking it before load() is what stops a small file that
         # declares a huge canvas from allocating and decoding it.
-        _check_size(image.width, image.height, max_pixels)
+        _check_size(image.width, image.height, limits)
+        if limits.fit and image.format in _DRAFT_FORMATS:
+            scale = limits.fit / max(image.size)
+            if scale < 1:  # decode at 1/2, 1/4 or 1/8 scale, never below the size asked for
+                image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        elif limits.max_decode_bytes is not None and image.format is not None:
+            _check_decode_size(image, limits)
         image.load()
     except InvalidInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(_bomb_message(exc, max_pixels)) from exc
+        raise InvalidInputError(_bomb_message(exc, limits.max_pixels)) from exc
     # Truncated or corrupt data surfaces as OSError, SyntaxError, struct.error, EOFError and more.
     except Exception as exc:
         raise InvalidInputError(f"The image data is truncated or corrupt and cannot be decoded ({exc}).") from exc
-    upright = _apply_orientation(image)
     try:
-        return _to_rgb(upright)
+        if limits.fit:  # reduce first, then turn upright: no full-size copy
+            return _orient(_fit_rgb(image, limits.fit), _orientation(image))
+        return _to_rgb(_apply_orientation(image))
     except Exception as exc:
         raise InvalidInputError(f"Cannot convert a {image.mode} image to RGB ({exc}).") from exc
+
+
+def decode_bytes_per_pixel(image: Image.Image) -> int:
+    """About how many bytes per pixel decoding `image` takes at full size (measured with Pillow 12: WebP's
+    decoder holds two more copies; high-bit-depth samples are scaled through float32)."""
+    if image.format == "WEBP":
+        return 16
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        return 12
+    return 1 if image.mode in ("1", "L", "P") else 4
+
+
+def _check_decode_size(image: Image.Image, limits: _Limits) -> None:
+    pixels = image.width * image.height
+    allowed = limits.max_decode_bytes // decode_bytes_per_pixel(image)
+    if pixels > allowed:
+        raise InvalidInputError(
+            f"The image is {image.width}×{image.height} = {_format_pixels(pixels)}; a {image.format} image in "
+            f"mode {image.mode} may have at most {_format_pixels(allowed)} here (it is decoded at full size; "
+            f"JPEG images may have up to {_format_pixels(limits.max_pixels)})."
+        )
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:
+        logger.debug("Ignoring unreadable EXIF orientation", exc_info=True)
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _orient(image: Image.Image, orientation: int) -> Image.Image:
+    method = _ORIENTATIONS.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+def _fit_rgb(image: Image.Image, fit: int) -> Image.Image:
+    """`image` as a new RGB image whose longest side is at most `fit` (aspect kept).
+
+    Large images are first reduced by an integer factor with a box filter, converted to RGB a strip of rows at a
+    time (each strip's rows a multiple of the factor, so the strips join exactly), then resized (bicubic) to the
+    exact size: memory beyond the decoded image stays at one strip and the small result.
+    """
+    width, height = image.size
+    factor = max(1, max(width, height) // fit)
+    if factor == 1 or image.mode in _HIGH_BIT_DEPTH_MODES:  # these scale by their global range: whole
+        reduced = _to_rgb(image)
+        reduced = reduced if reduced is not image else image.copy()
+    else:
+        reduced = Image.new("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+        rows = factor * max(1, _STRIP_BYTES // (4 * width * factor))
+        for top in range(0, height, rows):
+            strip = _to_rgb(image.crop((0, top, width, min(height, top + rows))))
+            reduced.paste(strip.reduce(factor), (0, top // factor))
+    scale = fit / max(width, height)
+    if scale >= 1:
+        return reduced
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return reduced.resize(size, Image.Resampling.BICUBIC) if size != reduced.size else reduced
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
@@ -237,13 +345,25 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
         return image.copy()
 
 
-def _check_size(width: int, height: int, max_pixels: int) -> None:
+def _check_size(width: int, height: int, limits: _Limits) -> None:
     pixels = width * height
     if pixels == 0:
         raise InvalidInputError(f"The image has no pixels ({width}×{height}).")
-    if pixels > max_pixels:
+    if pixels > limits.max_pixels:
         raise InvalidInputError(
-            f"The image is {width}×{height} = {_format_pixels(pixels)}; the limit is {_format_pixels(max_pixels)}."
+            f"The image is {width}×{height} = {_format_pixels(pixels)}; "
+            f"the limit is {_format_pixels(limits.max_pixels)}."
+        )
+    aspect = max(width, height) / min(width, height)
+    if limits.max_aspect is not None and aspect > limits.max_aspect:
+        shape = "wider than tall" if width > height else "taller than wide"
+        raise InvalidInputError(
+            f"The image is {width}×{height}, {aspect:,.0f} times {shape}; the limit is "
+            f"{limits.max_aspect:g}:1 (the model would see a thin line)."
+        )
+    if limits.max_side is not None and max(width, height) > limits.max_side:
+        raise InvalidInputError(
+            f"The image is {width}×{height}; the longest side may be at most {limits.max_side:,} pixels."
         )
 
 
