@@ -26,6 +26,7 @@ from demo import hosting, ui
 from demo.engine import ChatEngine, ChatSession, Turn
 from demo.examples import load_examples
 from demo.ui import build_demo, launch
+from demo.uploads import Uploads
 from sparsecut.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,12 +305,12 @@ def test_a_refused_question_goes_back_in_the_textbox_but_a_stopped_one_does_not(
     assert any(isinstance(p, str) and "stopped before it finished" in p for p in panels)
 
 
-def test_clear_puts_the_panels_back_in_their_start_state(engine):
+def test_clear_puts_the_panels_back_in_their_start_state(engine, tmp_path):
     state = ChatSession()
     for _ in state.ask(engine, "What is it?", str(EXAMPLE.image)):
         pass
     assert state.last_answer is not None
-    handlers = ui._model_handlers(engine)
+    handlers = ui._model_handlers(engine, Uploads(tmp_path), queue=lambda: None)
     cleared, *panels = handlers.clear(state)
     assert cleared.turns == [] and cleared.last_answer is None
     assert panels[:-1] == list(ui._blank_panels(ui.START)[:-1])
