@@ -15,22 +15,31 @@ copied and no weight differs):
 - `sparsecut`: the model as configured (1 + grid**2 views in one encoder batch, fusion, sparse shortcuts);
 - `sparsecut+stats`: the same while collecting the demo statistics (`record_stats`: shortcut ratios, fusion
   attention maps), to price the introspection;
-- `llava`: LLaVA-1.5-style, a config variant (`fusion="none", high_res_grid=1, schedule="none"`) wrapped around
-  the same encoder, projector and LLM: the encoder sees the low-res view only, no cross-attention block, no
-  shortcut hooks;
+- `sparsecut-unmerged`: a checkpoint with LoRA adapters as trained (peft layers, `merge_adapters=False`), its own
+  copy, beside the merged model that `load_model` gives for inference (full precision only);
+- `llava`: LLaVA-1.5 as a config variant (`fusion="none", high_res_grid=1, schedule="none", feature_layer=-2`, no
+  image-token norm) wrapped around the same encoder, projector and LLM: the encoder sees the low-res view only,
+  no fusion block, no shortcut hooks;
+- `transformers-llava`: transformers' own `LlavaForConditionalGeneration` carrying the same encoder, projector
+  and LLM weights, mapped by name and shared (`llava_state_dict`); it computes exactly what `llava` computes
+  (tests/test_bench.py), so it prices SparseCut's wrapper against the reference implementation. For concat_mlp the
+  projector is the fusion projector's low-res columns, a timing stand-in (full precision only);
 - `appended`: high-res tokens appended (`fusion="none", append_high_res_tokens=True`, no shortcuts): every
   view's tokens go through the same projector into the LLM input, (1 + grid**2) x the image tokens.
 
 Each variant runs in fp32 (CPU) / bf16 (CUDA) and, where bitsandbytes is installed, 8-bit and 4-bit (nf4),
 loaded through `load_model(..., quantization=...)`. On CUDA a 7B-class shape (CLIP ViT-L/14-336 + Llama-2-7B
-shapes, random weights from configs) is added in bf16 and nf4, with decode speed also given as a fraction of
-the memory-bandwidth bound (LLM weight bytes read per token / peak HBM bandwidth).
+shapes, random weights from configs) is added in bf16 and nf4. Decode speed is also given as a fraction of the
+memory-bandwidth bound: bandwidth / LLM weight bytes read per token, with the peak HBM bandwidth on CUDA and, on
+the CPU, the read bandwidth measured at the start of the run with the run's threads (`memory_read_bandwidth`).
 
 Timings on a shared machine are noisy, so the targets are ratios within one run: the variants of a group are
 interleaved round-robin (each round runs every variant once, in a rotated order) and every ratio is the median
 of the per-round ratios, so background load hits all variants alike. On the CPU the same ratios are also
 given from process CPU time, and `threads=1` keeps OpenMP threads from waiting on each other when other jobs
-hold the cores. `compile=True` (CUDA) decodes with a static KV cache through torch.compile.
+hold the cores. `compile=True` adds `sparsecut+compile` and `transformers-llava+compile`: the same models decoding
+with a static KV cache through torch.compile (CUDA graphs on CUDA, inductor's C++ kernels on the CPU), interleaved
+with the eager ones.
 
 Results go to `benchmarks/results/<device>-<cpu or gpu model>[-<quantization>][-compile][-quick].json` and
 `.md`: the machine (CPU model and threads, GPU and its bandwidth, library versions), the exact command, every
@@ -52,7 +61,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -139,7 +148,7 @@ class Settings:
     warmup: int  # un-recorded rounds first: lazy initialisation, allocator growth, kernel selection
     runs: int  # recorded rounds
     new_tokens: int  # generated per run; decode speed is measured over the last new_tokens - 1
-    compile: bool = False  # static KV cache + torch.compile of the decode step
+    compile: bool = False  # add the "+compile" variants: static KV cache + torch.compile of the decode step
 
 
 FULL = Settings(warmup=1, runs=5, new_tokens=128)
@@ -325,12 +334,18 @@ class Variant:
     processor: SparseCutProcessor
     stats: bool = False
     base: SparseCutForConditionalGeneration | None = None  # set for wrappers around the base model's modules
+    compile: bool = False  # decode with a static KV cache through torch.compile (`generation_config`)
 
     def stage_modules(self) -> dict[str, nn.Module]:
         """The modules whose first call in a request is the vision encoder / the fusion (LLaVA: its projector)."""
         if isinstance(self.model, SparseCutForConditionalGeneration):
             return {"vision": self.model.vision_tower, "fusion": self.model.fusion}
         return {"vision": self.model.model.vision_tower, "fusion": self.model.model.multi_modal_projector}
+
+    def image_tokens(self) -> int:
+        """LLM input tokens per image."""
+        config = self.model.config
+        return config.num_image_tokens if isinstance(config, SparseCutConfig) else config.image_seq_length
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -402,9 +417,10 @@ def baseline_projector(model: SparseCutForConditionalGeneration) -> Projector:
 
 
 def make_variants(
-    model: SparseCutForConditionalGeneration, processor: SparseCutProcessor, peer: bool = True
+    model: SparseCutForConditionalGeneration, processor: SparseCutProcessor, peer: bool = True, compile: bool = False
 ) -> list[Variant]:
-    """The base model's variants; `peer` adds transformers' LLaVA on the same weights (full precision only)."""
+    """The base model's variants; `peer` adds transformers' LLaVA on the same weights (full precision only),
+    `compile` the same model and peer decoding through torch.compile with a static KV cache."""
     config = model.config
     if config.fusion == "none" or config.append_high_res_tokens:
         raise ValueError("The benchmark compares a SparseCut model (fusion != 'none') with its baselines.")
@@ -452,7 +468,17 @@ def make_variants(
         )
         peer_processor = PeerProcessor(llava_processor, image_token_id, config.image_token_id)
         variants.insert(3, Variant(PEER, description, llava_peer, peer_processor))
+    if compile:
+        compiled = [
+            replace(v, name=f"{v.name}+compile", description=f"{v.description}; {COMPILED}", compile=True)
+            for v in variants
+            if v.name in ("sparsecut", PEER)
+        ]
+        variants += compiled
     return variants
+
+
+COMPILED = "decode steps through torch.compile with a static KV cache (eager prefill)"
 
 
 # The `llava` variant: LLaVA-1.5's recipe as a SparseCut config (what transformers' LlavaForConditionalGeneration
@@ -632,10 +658,10 @@ def request(seed: int = 0) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
 
 
-def generation_config(model: SparseCutForConditionalGeneration, settings: Settings) -> GenerationConfig:
+def generation_config(model, settings: Settings, compile: bool = False) -> GenerationConfig:
     """Greedy, exactly `new_tokens` tokens: min_new_tokens masks EOS so every variant decodes the same length.
 
-    With `settings.compile`, a static KV cache lets `generate` run its decode steps through torch.compile (on
+    With `compile`, a static KV cache lets `generate` run its decode steps through torch.compile (on
     CUDA "reduce-overhead": CUDA graphs; on the CPU inductor's default mode, which transformers applies there only
     when forced); the prefill stays eager.
     """
@@ -649,7 +675,7 @@ def generation_config(model: SparseCutForConditionalGeneration, settings: Settin
         bos_token_id=source.bos_token_id,
         use_cache=True,
     )
-    if settings.compile:
+    if compile:
         from transformers import CompileConfig
 
         if model.device.type == "cuda":
@@ -666,7 +692,7 @@ def measure(variant: Variant, messages: list[dict], settings: Settings, device: 
     clock = make_clock(device)
     model = variant.model
     first_token = FirstToken(clock)
-    config = generation_config(model, settings)
+    config = generation_config(model, settings, compile=variant.compile)
     recorder = model.record_stats() if variant.stats else contextlib.nullcontext()
     stages = StageTimer(variant.stage_modules(), clock)
     with variant.active(), stages, PeakMemory(device) as memory, recorder as recorded:
@@ -782,7 +808,7 @@ def summarise(group: Group, variant: Variant, runs: list[Run], sizes: tuple[int,
         precision=group.precision,
         variant=variant.name,
         description=variant.description,
-        image_tokens=variant.model.config.num_image_tokens,
+        image_tokens=variant.image_tokens(),
         llm_input_tokens=runs[0].llm_input_tokens,
         new_tokens=runs[0].new_tokens,
         preprocess_ms=Stat.of([r.preprocess_ms for r in runs]),
@@ -836,6 +862,36 @@ RATIO_TARGETS = [
         ">=",
         0.0,
     ),
+    (
+        f"decode tok/s sparsecut+compile / {PEER}+compile",
+        "sparsecut+compile",
+        f"{PEER}+compile",
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        0.99,
+        ">=",
+        0.0,
+    ),
+    (
+        "decode tok/s sparsecut / sparsecut-unmerged (the merge's gain)",
+        "sparsecut",
+        UNMERGED,
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        1.0,
+        ">=",
+        0.0,
+    ),
+    (
+        "decode tok/s sparsecut+compile / sparsecut (the compiled loop's gain)",
+        "sparsecut+compile",
+        "sparsecut",
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        1.0,
+        ">=",
+        0.0,
+    ),
     ("TTFT appended / sparsecut", "appended", "sparsecut", "ttft_ms", "ttft_cpu_ms", 2.0, ">=", 0.0),
     ("TTFT overhead of the demo statistics", "sparsecut+stats", "sparsecut", "ttft_ms", "ttft_cpu_ms", 0.10, "<=", 1.0),
 ]
@@ -867,10 +923,12 @@ def targets_for(results: list[VariantResult], primary_precisions: set[str]) -> l
                 target.cpu_time_value = paired_ratio(cpu_a.runs, cpu_b.runs) - offset
                 target.cpu_time_passed = passes(target.cpu_time_value, threshold, comparison)
             targets.append(target)
-        fraction = group["sparsecut"].bandwidth_fraction if "sparsecut" in group else None
-        if fraction is not None:
+        for variant in ("sparsecut", "sparsecut+compile"):
+            fraction = group[variant].bandwidth_fraction if variant in group else None
+            if fraction is None:
+                continue
+            name = f"{'7B ' if shape == '7b' else ''}decode {variant} / bandwidth bound"
             ok = passes(fraction, BANDWIDTH_TARGET, ">=")
-            name = "7B decode / bandwidth bound" if shape == "7b" else "decode / bandwidth bound"
             target = Target(name, shape, precision, fraction, BANDWIDTH_TARGET, ">=", ok)
             target.primary = primary
             targets.append(target)
@@ -1206,19 +1264,20 @@ def run_groups(report: Report, groups: list[Group], device: torch.device) -> Non
     """Measure the groups one after the other, each loaded only for its own measurements."""
     settings = report.settings
     bandwidth = report.machine.gpu_bandwidth_gbs or report.machine.memory_read_bandwidth_gbs
-    counts = [len(VARIANTS) - (g.precision not in FULL_PRECISIONS) + (g.load_unmerged is not None) for g in groups]
-    total = sum(counts) * (settings.warmup + settings.runs)
-    with tqdm(total=total, desc="sparsecut bench", unit="run", file=sys.stderr) as progress:
+    rounds = settings.warmup + settings.runs
+    with tqdm(total=0, desc="sparsecut bench", unit="run", file=sys.stderr) as progress:
         for group in groups:
             progress.set_description(f"{group.shape} {group.precision}")
             base, processor = group.load()
-            variants = make_variants(base, processor, peer=group.precision in FULL_PRECISIONS)
+            full = group.precision in FULL_PRECISIONS
+            variants = make_variants(base, processor, peer=full, compile=settings.compile and full)
             sizes = {v.name: (model_weight_bytes(base), llm_weight_bytes_per_token(base)) for v in variants}
             if group.load_unmerged is not None:
                 unmerged, unmerged_processor = group.load_unmerged()
                 description = "SparseCut with its LoRA adapters unmerged (peft layers, as trained; own copy)"
                 variants.insert(1, Variant(UNMERGED, description, unmerged, unmerged_processor))
                 sizes[UNMERGED] = model_weight_bytes(unmerged), llm_weight_bytes_per_token(unmerged)
+            progress.total += len(variants) * rounds
             runs = measure_group(variants, settings, device, progress)
             report.results += [summarise(group, v, runs[v.name], sizes[v.name], bandwidth) for v in variants]
             del base, processor, variants
@@ -1233,15 +1292,20 @@ def standard_notes(device: torch.device, quick: bool, compile: bool, model: str)
         "fusion to the first token's logits (embedding merge, LLM forward with shortcut hooks, LM head).",
         "All variants of a group share one set of weights: llava and appended are config variants of the same "
         "class wrapped around the base model's encoder, projector and LLM modules (no copy); the base model's "
-        "shortcut hooks are detached while they run.",
+        "shortcut hooks are detached while they run. transformers-llava is transformers' LlavaForConditionalGeneration "
+        "holding the same tensors under LLaVA's names; for a concat_mlp fusion its projector (like llava's) is the "
+        "fusion projector's low-res columns, a timing stand-in. sparsecut-unmerged (a checkpoint with LoRA "
+        "adapters) is a second copy loaded with merge_adapters=False.",
+        "Decode bound = memory bandwidth / LLM weight bytes read per decode step (every decoder weight and the LM "
+        "head; the input embedding reads one row); `% of bound` is the median decode speed against it.",
     ]
     if device.type == "cpu":
         notes.append(
             "CPU run: peak memory is the process RSS high-water mark, so it includes the interpreter, the libraries "
             "and every loaded weight (shared by the variants of a group), and it cannot fall below what earlier "
-            "groups left in the heap; `weights MiB` is the group's model alone. The CUDA paths (bf16, synchronised "
-            "timing, max_memory_allocated, the 7B-class shape and its bandwidth-bound fraction, --compile) were not "
-            "measured on this machine."
+            "groups left in the heap; `weights MiB` is the group's model alone (for a merged model with "
+            "lora_needs_image, the base weights kept for text-only answers included). The CUDA paths (bf16, "
+            "synchronised timing, max_memory_allocated, the 7B-class shape, CUDA graphs) were not measured here."
         )
     else:
         notes.append(
@@ -1250,7 +1314,11 @@ def standard_notes(device: torch.device, quick: bool, compile: bool, model: str)
             "per run."
         )
     if compile:
-        notes.append("--compile: static KV cache + torch.compile (reduce-overhead) of the decode step; eager prefill.")
+        mode = "reduce-overhead, CUDA graphs" if device.type == "cuda" else "inductor's default mode"
+        notes.append(
+            f"--compile: the +compile variants decode with a static KV cache through torch.compile ({mode}); their "
+            "prefill is eager; compilation happens in the warm-up round."
+        )
     if quick:
         notes.append(
             f"--quick measured {model} with {QUICK.runs} runs of {QUICK.new_tokens} new tokens: a smoke test of "

@@ -308,7 +308,8 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
             )
         finally:
             # Gradient checkpointing replays the layers (and their hooks) during backward: keep the state then.
-            if not (self.is_activation_checkpointing and self.training):
+            # (`training` first: `is_activation_checkpointing` walks every module, a cost in each decode step.)
+            if not (self.training and self.is_activation_checkpointing):
                 self.shortcuts.clear()
         hidden = outputs.last_hidden_state  # (B, T, D)
 
