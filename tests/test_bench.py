@@ -22,9 +22,11 @@ from benchmarks.bench import (
     make_variants,
     transformers_llava,
 )
+from sparsecut.adapters import merge_lora
 from sparsecut.cli import main
 from sparsecut.testing import tiny_model
 
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
 STATS = ("preprocess_ms", "vision_ms", "fusion_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_memory_mb")
 PRECISIONS = ["fp32", "8bit", "4bit"] if importlib.util.find_spec("bitsandbytes") else ["fp32"]
 
@@ -160,16 +162,24 @@ def test_the_transformers_peer_computes_what_the_llava_variant_computes():
 
 @torch.no_grad()
 def test_the_compiled_static_cache_decode_gives_the_eager_tokens():
-    model, processor = tiny_model()
-    inputs = processor.apply_chat_template(
-        image_question(random_image(6), "What is there?"), add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    eager = model.generate(**inputs, generation_config=generation_config(model, Settings(0, 1, 12)))
-    compiled_config = generation_config(model, Settings(0, 1, 12), compile=True)
-    assert compiled_config.cache_implementation == "static"
-    compiled = model.generate(**inputs, generation_config=compiled_config)
-    assert hasattr(model, "_compiled_call")  # transformers compiled the decode steps (forced on the CPU)
-    assert compiled.tolist() == eager.tolist()
+    # The faster loop must decode exactly as the eager reference does, also on a model whose merged adapters are
+    # swapped for the base weights between conversations (lora_needs_image): image, then text only.
+    model, processor = tiny_model(lora=LORA, lora_needs_image=True)
+    generator = torch.Generator().manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    merge_lora(model, keep_base=True)
+    for image in (random_image(6), None):
+        inputs = processor.apply_chat_template(
+            image_question(image, "What is there?"), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        eager = model.generate(**inputs, generation_config=generation_config(model, Settings(0, 1, 12)))
+        compiled_config = generation_config(model, Settings(0, 1, 12), compile=True)
+        assert compiled_config.cache_implementation == "static"
+        compiled = model.generate(**inputs, generation_config=compiled_config)
+        assert hasattr(model, "_compiled_call")  # transformers compiled the decode steps (forced on the CPU)
+        assert compiled.tolist() == eager.tolist()
 
 
 def test_stat_median_and_tails():
