@@ -43,7 +43,8 @@ def merge_lora(model, keep_base: bool = False) -> None:
     per token, which on the CPU cost more than the arithmetic (benchmarks/results/changes.md). `keep_base=True`
     (for `config.lora_needs_image`) keeps each projection's base weight beside the merged one as a
     non-persistent buffer, so that `switch_merged_adapters` can swap them for a text-only conversation: the base
-    LLM's exact weights, at the cost of a second copy of the adapted weights.
+    LLM's exact weights, at the cost of a second copy of the adapted weights. A merged model is for inference:
+    it saves the weights in use, with no adapters (train from `load_model(..., merge_adapters=False)`).
     """
     from peft.tuners.lora import LoraLayer
 
