@@ -15,22 +15,31 @@ copied and no weight differs):
 - `sparsecut`: the model as configured (1 + grid**2 views in one encoder batch, fusion, sparse shortcuts);
 - `sparsecut+stats`: the same while collecting the demo statistics (`record_stats`: shortcut ratios, fusion
   attention maps), to price the introspection;
-- `llava`: LLaVA-1.5-style, a config variant (`fusion="none", high_res_grid=1, schedule="none"`) wrapped around
-  the same encoder, projector and LLM: the encoder sees the low-res view only, no cross-attention block, no
-  shortcut hooks;
+- `sparsecut-unmerged`: a checkpoint with LoRA adapters as trained (peft layers, `merge_adapters=False`), its own
+  copy, beside the merged model that `load_model` gives for inference (full precision only);
+- `llava`: LLaVA-1.5 as a config variant (`fusion="none", high_res_grid=1, schedule="none", feature_layer=-2`, no
+  image-token norm) wrapped around the same encoder, projector and LLM: the encoder sees the low-res view only,
+  no fusion block, no shortcut hooks;
+- `transformers-llava`: transformers' own `LlavaForConditionalGeneration` carrying the same encoder, projector
+  and LLM weights, mapped by name and shared (`llava_state_dict`); it computes exactly what `llava` computes
+  (tests/test_bench.py), so it prices SparseCut's wrapper against the reference implementation. For concat_mlp the
+  projector is the fusion projector's low-res columns, a timing stand-in (full precision only);
 - `appended`: high-res tokens appended (`fusion="none", append_high_res_tokens=True`, no shortcuts): every
   view's tokens go through the same projector into the LLM input, (1 + grid**2) x the image tokens.
 
 Each variant runs in fp32 (CPU) / bf16 (CUDA) and, where bitsandbytes is installed, 8-bit and 4-bit (nf4),
 loaded through `load_model(..., quantization=...)`. On CUDA a 7B-class shape (CLIP ViT-L/14-336 + Llama-2-7B
-shapes, random weights from configs) is added in bf16 and nf4, with decode speed also given as a fraction of
-the memory-bandwidth bound (LLM weight bytes read per token / peak HBM bandwidth).
+shapes, random weights from configs) is added in bf16 and nf4. Decode speed is also given as a fraction of the
+memory-bandwidth bound: bandwidth / LLM weight bytes read per token, with the peak HBM bandwidth on CUDA and, on
+the CPU, the read bandwidth measured at the start of the run with the run's threads (`memory_read_bandwidth`).
 
 Timings on a shared machine are noisy, so the targets are ratios within one run: the variants of a group are
 interleaved round-robin (each round runs every variant once, in a rotated order) and every ratio is the median
 of the per-round ratios, so background load hits all variants alike. On the CPU the same ratios are also
 given from process CPU time, and `threads=1` keeps OpenMP threads from waiting on each other when other jobs
-hold the cores. `compile=True` (CUDA) decodes with a static KV cache through torch.compile.
+hold the cores. `compile=True` adds `sparsecut+compile` and `transformers-llava+compile`: the same models decoding
+with a static KV cache through torch.compile (CUDA graphs on CUDA, inductor's C++ kernels on the CPU), interleaved
+with the eager ones.
 
 Results go to `benchmarks/results/<device>-<cpu or gpu model>[-<quantization>][-compile][-quick].json` and
 `.md`: the machine (CPU model and threads, GPU and its bandwidth, library versions), the exact command, every
@@ -52,7 +61,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -76,7 +85,9 @@ from sparsecut.training.pretrain_vision import DEFAULT_ENCODER
 from sparsecut.utils import PeakMemory, markdown_table, release_memory
 
 # --- what is measured ---------------------------------------------------------------------------------------
-VARIANTS = ("sparsecut", "sparsecut+stats", "llava", "appended")
+VARIANTS = ("sparsecut", "sparsecut+stats", "llava", "transformers-llava", "appended")
+PEER = "transformers-llava"  # measured in the full-precision group only
+UNMERGED = "sparsecut-unmerged"  # a checkpoint with LoRA adapters, full precision: as trained, adapters unmerged
 QUANTIZED = ("8bit", "4bit")
 PROMPT = "Describe this image in detail."
 IMAGE_SIZE = (640, 480)  # a photo-sized input, so preprocessing does a real resize
@@ -137,7 +148,7 @@ class Settings:
     warmup: int  # un-recorded rounds first: lazy initialisation, allocator growth, kernel selection
     runs: int  # recorded rounds
     new_tokens: int  # generated per run; decode speed is measured over the last new_tokens - 1
-    compile: bool = False  # CUDA: static KV cache + torch.compile of the decode step
+    compile: bool = False  # add the "+compile" variants: static KV cache + torch.compile of the decode step
 
 
 FULL = Settings(warmup=1, runs=5, new_tokens=128)
@@ -200,8 +211,9 @@ class VariantResult:
     llm_weight_bytes_per_token: int  # LLM weights read by one decode step (the input embedding reads one row)
     ttft_cpu_ms: Stat | None = None  # CPU only, see Run
     decode_cpu_tokens_per_s: Stat | None = None
-    bandwidth_bound_tokens_per_s: float | None = None  # CUDA: peak HBM bandwidth / weight bytes per token
-    bandwidth_fraction: float | None = None  # CUDA: measured decode tokens/s / the bound
+    # memory bandwidth (CUDA: peak HBM; CPU: measured read bandwidth) / LLM weight bytes per token
+    bandwidth_bound_tokens_per_s: float | None = None
+    bandwidth_fraction: float | None = None  # measured decode tokens/s / the bound
 
 
 @dataclass
@@ -241,6 +253,9 @@ class Machine:
     sparsecut_commit: str | None
     load_average_before: list[float] | None
     load_average_after: list[float] | None = None
+    # CPU: the measured read bandwidth of main memory with the run's torch threads (`memory_read_bandwidth`)
+    memory_read_bandwidth_gbs: float | None = None
+    memory_bandwidth_source: str | None = None
 
 
 @dataclass
@@ -287,8 +302,8 @@ class FirstToken(LogitsProcessor):
 class StageTimer:
     """Forward hooks timing the first call of the vision encoder and of the fusion inside one `generate`."""
 
-    def __init__(self, model: SparseCutForConditionalGeneration, clock: Callable[[], float]):
-        self.modules = {"vision": model.vision_tower, "fusion": model.fusion}
+    def __init__(self, modules: dict[str, nn.Module], clock: Callable[[], float]):
+        self.modules = modules
         self.clock = clock
         self.times: dict[str, float] = {}
         self._handles: list = []
@@ -319,6 +334,18 @@ class Variant:
     processor: SparseCutProcessor
     stats: bool = False
     base: SparseCutForConditionalGeneration | None = None  # set for wrappers around the base model's modules
+    compile: bool = False  # decode with a static KV cache through torch.compile (`generation_config`)
+
+    def stage_modules(self) -> dict[str, nn.Module]:
+        """The modules whose first call in a request is the vision encoder / the fusion (LLaVA: its projector)."""
+        if isinstance(self.model, SparseCutForConditionalGeneration):
+            return {"vision": self.model.vision_tower, "fusion": self.model.fusion}
+        return {"vision": self.model.model.vision_tower, "fusion": self.model.model.multi_modal_projector}
+
+    def image_tokens(self) -> int:
+        """LLM input tokens per image."""
+        config = self.model.config
+        return config.num_image_tokens if isinstance(config, SparseCutConfig) else config.image_seq_length
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -339,12 +366,13 @@ def derive(
 ) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
     """A baseline config of the same class around the SAME encoder, projector and LLM modules (no copy).
 
-    overrides: SparseCutConfig fields (fusion, high_res_grid, append_high_res_tokens). The baseline has no
-    shortcuts; its projector is the base model's (for concat_mlp, the columns that read the low-res token).
+    overrides: SparseCutConfig fields (fusion, high_res_grid, feature_layer, append_high_res_tokens). The
+    baseline has no shortcuts and LLaVA's projector (`baseline_projector`: no image-token norm).
     """
     base = model.config
     values = {k: v for k, v in base.to_dict().items() if k != "quantization_config"}
-    values.update(schedule="none", shortcut_vision_layers=None, shortcut_llm_layers=None, **overrides)
+    values.update(schedule="none", shortcut_vision_layers=None, shortcut_llm_layers=None, image_token_scale=None)
+    values.update(overrides)
     config = SparseCutConfig.from_dict(values)
     wrapper = SparseCutForConditionalGeneration(
         config, vision_tower=model.vision_tower, language_model=model.language_model
@@ -369,12 +397,15 @@ def derive(
 
 
 def baseline_projector(model: SparseCutForConditionalGeneration) -> Projector:
-    """The projector a fusion-free baseline uses: the model's own, or, when concat_mlp widened its input to
-    (1 + grid**2) x d, a copy restricted to the low-res token's columns (the first d)."""
+    """The projector a fusion-free baseline uses, LLaVA's (linear, GELU, linear; no `ImageTokenNorm`): the
+    model's own linear layers, or, when concat_mlp widened its input to (1 + grid**2) x d, a copy of the first
+    restricted to the low-res token's columns (the first d)."""
     projector = model.fusion.projector
     d = model.config.vision_config.hidden_size
     if projector.linear_1.in_features == d:
-        return projector
+        plain = Projector(d, projector.linear_1.out_features, model.config.projector_hidden_act)
+        plain.linear_1, plain.linear_2 = projector.linear_1, projector.linear_2
+        return plain
     weight = projector.linear_1.weight
     sliced = Projector(d, projector.linear_1.out_features, model.config.projector_hidden_act)
     sliced.to(weight.device, weight.dtype)
@@ -385,14 +416,18 @@ def baseline_projector(model: SparseCutForConditionalGeneration) -> Projector:
     return sliced
 
 
-def make_variants(model: SparseCutForConditionalGeneration, processor: SparseCutProcessor) -> list[Variant]:
+def make_variants(
+    model: SparseCutForConditionalGeneration, processor: SparseCutProcessor, peer: bool = True, compile: bool = False
+) -> list[Variant]:
+    """The base model's variants; `peer` adds transformers' LLaVA on the same weights (full precision only),
+    `compile` the same model and peer decoding through torch.compile with a static KV cache."""
     config = model.config
     if config.fusion == "none" or config.append_high_res_tokens:
         raise ValueError("The benchmark compares a SparseCut model (fusion != 'none') with its baselines.")
-    llava, llava_processor = derive(model, processor, fusion="none", high_res_grid=1, append_high_res_tokens=False)
+    llava, llava_processor = derive(model, processor, **LLAVA_1_5)
     appended, appended_processor = derive(model, processor, fusion="none", append_high_res_tokens=True)
     pairs = ", ".join(f"v{v}->l{layer}" for v, layer in zip(model.shortcuts.vision_layers, model.shortcuts.llm_layers))
-    return [
+    variants = [
         Variant(
             "sparsecut",
             f"SparseCut: {config.num_views} views in one encoder batch, {config.fusion} fusion of "
@@ -409,7 +444,8 @@ def make_variants(model: SparseCutForConditionalGeneration, processor: SparseCut
         ),
         Variant(
             "llava",
-            "LLaVA-style, same weights: low-res view only, projector only, no shortcut hooks",
+            "LLaVA-1.5 as a SparseCut config, same weights: low-res view only, encoder layer -2, projector only "
+            "(no image-token norm), no shortcut hooks",
             llava,
             llava_processor,
             base=model,
@@ -423,6 +459,121 @@ def make_variants(model: SparseCutForConditionalGeneration, processor: SparseCut
             base=model,
         ),
     ]
+    if peer:
+        llava_peer, image_token_id = transformers_llava(model, llava)
+        description = (
+            "transformers' LlavaForConditionalGeneration carrying the same encoder, LLM and projector weights "
+            "(mapped by name; the projector is the llava variant's, the fusion projector's low-res columns, a "
+            "timing stand-in), same requests"
+        )
+        peer_processor = PeerProcessor(llava_processor, image_token_id, config.image_token_id)
+        variants.insert(3, Variant(PEER, description, llava_peer, peer_processor))
+    if compile:
+        compiled = [
+            replace(v, name=f"{v.name}+compile", description=f"{v.description}; {COMPILED}", compile=True)
+            for v in variants
+            if v.name in ("sparsecut", PEER)
+        ]
+        variants += compiled
+    return variants
+
+
+COMPILED = "decode steps through torch.compile with a static KV cache (eager prefill)"
+
+
+# The `llava` variant: LLaVA-1.5's recipe as a SparseCut config (what transformers' LlavaForConditionalGeneration
+# computes, too): the low-res view only, the penultimate encoder layer, the plain projector, no shortcuts.
+LLAVA_1_5 = dict(fusion="none", high_res_grid=1, feature_layer=-2, append_high_res_tokens=False)
+
+
+# --- the transformers peer ----------------------------------------------------------------------------------
+def llava_state_dict(model: SparseCutForConditionalGeneration, projector: Projector) -> dict[str, torch.Tensor]:
+    """SparseCut weights under transformers' LlavaForConditionalGeneration names (tensors shared, not copied).
+
+    The encoder and the LLM map one to one; LLaVA's projector is `projector` (`baseline_projector`: for concat_mlp
+    the low-res token's columns of the fusion's first projector layer, a timing stand-in: the LLaVA peer reads
+    one d-wide token per patch where the fusion reads 1 + grid**2). The fusion's input norm and image-token
+    norm and the shortcut gates have no LLaVA counterpart and are left out.
+    """
+    state = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if (name := llava_name(key)) is not None:
+            state[name] = tensor.detach()
+    for key, tensor in projector.state_dict(keep_vars=True).items():
+        state[f"model.multi_modal_projector.{key}"] = tensor.detach()
+    return state
+
+
+LLAVA_NAMES = {
+    "vision_tower.": "model.vision_tower.",
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+}
+
+
+def llava_name(name: str) -> str | None:
+    """The LlavaForConditionalGeneration name of a SparseCut encoder or LLM weight, else None."""
+    for prefix, target in LLAVA_NAMES.items():
+        if name.startswith(prefix):
+            return target + name[len(prefix) :]
+    return None
+
+
+def transformers_llava(model: SparseCutForConditionalGeneration, llava: SparseCutForConditionalGeneration):
+    """transformers' LlavaForConditionalGeneration carrying `model`'s weights, configured as the `llava`
+    variant (`llava`: its encoder layer, projector and image-token count); returns (peer, image token id).
+
+    The peer's placeholder is the last id of the LLM's vocabulary: LLaVA looks every input id up in the
+    embeddings before it replaces the placeholders, and SparseCut's `<image>` lies just past the vocabulary."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = model.config
+    image_token_id = config.text_config.vocab_size - 1
+    peer_config = LlavaConfig(
+        vision_config=copy.deepcopy(config.vision_config),
+        text_config=copy.deepcopy(config.text_config),
+        image_token_index=image_token_id,
+        image_seq_length=llava.config.num_image_tokens,
+        projector_hidden_act=config.projector_hidden_act,
+        vision_feature_layer=llava.config.feature_layer,
+        vision_feature_select_strategy="full",  # every patch token (LLaVA-1.5's CLIP drops a CLS token first)
+        tie_word_embeddings=config.text_config.tie_word_embeddings,
+    )
+    peer_config._attn_implementation = model.language_model.config._attn_implementation
+    dtype = model.language_model.dtype
+    with torch.device("meta"):
+        peer = LlavaForConditionalGeneration(peer_config)
+    state = llava_state_dict(model, llava.fusion.projector)
+    missing, unexpected = peer.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"SparseCut -> LLaVA names do not match: missing {missing}, unexpected {unexpected}.")
+    # Buffers that are not saved (rotary frequencies, position ids) are not in a state dict: take them by name too.
+    buffers = {llava_name(name): buffer for name, buffer in model.named_buffers()}
+    for name, buffer in list(peer.named_buffers()):
+        if buffer.is_meta:
+            if name not in buffers:
+                raise ValueError(f"{name} of the LLaVA peer has no SparseCut counterpart.")
+            module_name, _, leaf = name.rpartition(".")
+            peer.get_submodule(module_name)._buffers[leaf] = buffers[name]
+    peer.generation_config = copy.deepcopy(model.generation_config)
+    return peer.to(dtype=dtype).eval(), image_token_id
+
+
+class PeerProcessor:
+    """The `llava` variant's processor, with its output in LLaVA's form: the peer's placeholder id and
+    pixel_values (images, 3, H, W). Preprocessing is the same work for both."""
+
+    def __init__(self, processor: SparseCutProcessor, image_token_id: int, placeholder: int):
+        self.processor, self.image_token_id, self.placeholder = processor, image_token_id, placeholder
+
+    def apply_chat_template(self, messages: list[dict], **kwargs):
+        inputs = self.processor.apply_chat_template(messages, **kwargs)
+        ids = inputs["input_ids"]
+        if bool((ids == self.image_token_id).any()):
+            raise ValueError("The prompt already holds the LLaVA peer's placeholder id.")
+        inputs["input_ids"] = ids.masked_fill(ids == self.placeholder, self.image_token_id)
+        inputs["pixel_values"] = inputs["pixel_values"][:, 0]  # (images, 1, 3, H, W) -> the low-res view
+        return inputs
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -433,6 +584,11 @@ class Group:
     shape: str
     precision: str
     load: Callable[[], tuple[SparseCutForConditionalGeneration, SparseCutProcessor]]
+    # a checkpoint with LoRA adapters: the same model with its adapters unmerged, measured beside it
+    load_unmerged: Callable[[], tuple[SparseCutForConditionalGeneration, SparseCutProcessor]] | None = None
+
+
+FULL_PRECISIONS = ("fp32", "bf16")
 
 
 def full_precision(device: torch.device) -> tuple[str, torch.dtype]:
@@ -502,12 +658,12 @@ def request(seed: int = 0) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
 
 
-def generation_config(model: SparseCutForConditionalGeneration, settings: Settings) -> GenerationConfig:
+def generation_config(model, settings: Settings, compile: bool = False) -> GenerationConfig:
     """Greedy, exactly `new_tokens` tokens: min_new_tokens masks EOS so every variant decodes the same length.
 
-    With `settings.compile`, a static KV cache lets `generate` run its decode steps through torch.compile
-    ("reduce-overhead": CUDA graphs); the prefill stays eager. `bench` offers it on CUDA only; elsewhere
-    transformers compiles only when forced (benchmarks/results/changes.md measured the path so on the CPU).
+    With `compile`, a static KV cache lets `generate` run its decode steps through torch.compile (on
+    CUDA "reduce-overhead": CUDA graphs; on the CPU inductor's default mode, which transformers applies there only
+    when forced); the prefill stays eager.
     """
     source = model.generation_config
     config = GenerationConfig(
@@ -519,11 +675,13 @@ def generation_config(model: SparseCutForConditionalGeneration, settings: Settin
         bos_token_id=source.bos_token_id,
         use_cache=True,
     )
-    if settings.compile:
+    if compile:
         from transformers import CompileConfig
 
-        compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead")
-        if model.device.type != "cuda":  # transformers compiles elsewhere only when forced (to test the path)
+        if model.device.type == "cuda":
+            compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead")  # CUDA graphs
+        else:  # transformers compiles off CUDA only when told to; inductor's C++ kernels, no CUDA graphs
+            compile_config = CompileConfig(fullgraph=False, mode="default")
             compile_config._compile_all_devices = True
         config.cache_implementation, config.compile_config = "static", compile_config
     return config
@@ -534,9 +692,10 @@ def measure(variant: Variant, messages: list[dict], settings: Settings, device: 
     clock = make_clock(device)
     model = variant.model
     first_token = FirstToken(clock)
-    config = generation_config(model, settings)
+    config = generation_config(model, settings, compile=variant.compile)
     recorder = model.record_stats() if variant.stats else contextlib.nullcontext()
-    with variant.active(), StageTimer(model, clock) as stages, PeakMemory(device) as memory, recorder as recorded:
+    stages = StageTimer(variant.stage_modules(), clock)
+    with variant.active(), stages, PeakMemory(device) as memory, recorder as recorded:
         start, cpu_start = clock(), time.process_time()
         inputs = variant.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
@@ -649,7 +808,7 @@ def summarise(group: Group, variant: Variant, runs: list[Run], sizes: tuple[int,
         precision=group.precision,
         variant=variant.name,
         description=variant.description,
-        image_tokens=variant.model.config.num_image_tokens,
+        image_tokens=variant.image_tokens(),
         llm_input_tokens=runs[0].llm_input_tokens,
         new_tokens=runs[0].new_tokens,
         preprocess_ms=Stat.of([r.preprocess_ms for r in runs]),
@@ -692,10 +851,51 @@ RATIO_TARGETS = [
         ">=",
         0.0,
     ),
+    (f"TTFT sparsecut / {PEER}", "sparsecut", PEER, "ttft_ms", "ttft_cpu_ms", 1.15, "<=", 0.0),
+    (
+        f"decode tok/s sparsecut / {PEER}",
+        "sparsecut",
+        PEER,
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        0.99,
+        ">=",
+        0.0,
+    ),
+    (
+        f"decode tok/s sparsecut+compile / {PEER}+compile",
+        "sparsecut+compile",
+        f"{PEER}+compile",
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        0.99,
+        ">=",
+        0.0,
+    ),
+    (
+        "decode tok/s sparsecut / sparsecut-unmerged (the merge's gain)",
+        "sparsecut",
+        UNMERGED,
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        1.0,
+        ">=",
+        0.0,
+    ),
+    (
+        "decode tok/s sparsecut+compile / sparsecut (the compiled loop's gain)",
+        "sparsecut+compile",
+        "sparsecut",
+        "decode_tokens_per_s",
+        "decode_cpu_tokens_per_s",
+        1.0,
+        ">=",
+        0.0,
+    ),
     ("TTFT appended / sparsecut", "appended", "sparsecut", "ttft_ms", "ttft_cpu_ms", 2.0, ">=", 0.0),
     ("TTFT overhead of the demo statistics", "sparsecut+stats", "sparsecut", "ttft_ms", "ttft_cpu_ms", 0.10, "<=", 1.0),
 ]
-BANDWIDTH_TARGET = 0.5  # 7B bf16 decode on CUDA: at least half the memory-bandwidth bound
+BANDWIDTH_TARGET = 0.5  # batch-1 decode: at least half the memory-bandwidth bound
 
 
 def passes(value: float, threshold: float, comparison: str) -> bool:
@@ -723,12 +923,15 @@ def targets_for(results: list[VariantResult], primary_precisions: set[str]) -> l
                 target.cpu_time_value = paired_ratio(cpu_a.runs, cpu_b.runs) - offset
                 target.cpu_time_passed = passes(target.cpu_time_value, threshold, comparison)
             targets.append(target)
-        fraction = group["sparsecut"].bandwidth_fraction if "sparsecut" in group else None
-        if shape == "7b" and precision == "bf16" and fraction is not None:
+        for variant in ("sparsecut", "sparsecut+compile"):
+            fraction = group[variant].bandwidth_fraction if variant in group else None
+            if fraction is None:
+                continue
+            name = f"{'7B ' if shape == '7b' else ''}decode {variant} / bandwidth bound"
             ok = passes(fraction, BANDWIDTH_TARGET, ">=")
-            targets.append(
-                Target("7B decode / bandwidth bound", shape, precision, fraction, BANDWIDTH_TARGET, ">=", ok)
-            )
+            target = Target(name, shape, precision, fraction, BANDWIDTH_TARGET, ">=", ok)
+            target.primary = primary
+            targets.append(target)
     return targets
 
 
@@ -764,9 +967,25 @@ def load_average() -> list[float] | None:
     return None
 
 
+def memory_read_bandwidth(mebibytes: int = 512, repeats: int = 10) -> tuple[float, str]:
+    """(GB/s, how) main-memory read bandwidth on the CPU with torch's current threads: the fastest of `repeats`
+    sums over a float32 tensor far larger than the caches (as large as the default model's LLM). A batch-1 decode
+    step reads every LLM weight once, so this over the bytes per token bounds its tokens per second."""
+    values = torch.ones(mebibytes * 2**20 // 4)
+    values.sum()  # first touch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        values.sum()
+        best = min(best, time.perf_counter() - start)
+    how = f"measured: fastest of {repeats} sums over {mebibytes} MiB of float32, {torch.get_num_threads()} thread(s)"
+    return values.numel() * 4 / best / 1e9, how
+
+
 def describe_machine(device: torch.device) -> Machine:
     gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
     bandwidth, source = hbm_bandwidth_gbs(device)
+    read_bandwidth, read_source = memory_read_bandwidth() if device.type == "cpu" else (None, None)
     return Machine(
         device=str(device),
         cpu_model=cpu_model(),
@@ -787,6 +1006,8 @@ def describe_machine(device: torch.device) -> Machine:
         cuda=torch.version.cuda,
         sparsecut_commit=git_commit(),
         load_average_before=load_average(),
+        memory_read_bandwidth_gbs=read_bandwidth,
+        memory_bandwidth_source=read_source,
     )
 
 
@@ -811,6 +1032,24 @@ def command_line(
     return " ".join(parts)
 
 
+def bound_lines(report: Report) -> list[str]:
+    """The memory-bandwidth bound of batch-1 decoding, per group: bandwidth / LLM weight bytes per token."""
+    m = report.machine
+    bandwidth = m.gpu_bandwidth_gbs or m.memory_read_bandwidth_gbs
+    if not bandwidth:
+        return []
+    source = m.gpu_bandwidth_source or m.memory_bandwidth_source
+    lines = [f"- memory bandwidth: {bandwidth:.1f} GB/s ({source})"]
+    for r in report.results:
+        if r.variant == "sparsecut" and r.bandwidth_bound_tokens_per_s:
+            lines.append(
+                f"- decode bound, {r.shape} {r.precision}: {bandwidth:.1f} GB/s / "
+                f"{r.llm_weight_bytes_per_token / 1e6:.0f} MB of LLM weights read per token = "
+                f"{r.bandwidth_bound_tokens_per_s:.1f} tok/s"
+            )
+    return lines
+
+
 def fmt(stat: Stat, digits: int = 1) -> str:
     return f"{stat.median:.{digits}f} / {stat.p90:.{digits}f}"
 
@@ -828,6 +1067,7 @@ def markdown(report: Report) -> str:
         f"- versions: torch {m.torch}, transformers {m.transformers}, bitsandbytes {m.bitsandbytes}, "
         f"python {m.python}, CUDA {m.cuda}; sparsecut {m.sparsecut_commit}",
         f"- load average before / after: {m.load_average_before} / {m.load_average_after}",
+        *bound_lines(report),
         f"- {report.settings.runs} runs after {report.settings.warmup} warm-up round(s), batch 1, greedy, "
         f"{report.settings.new_tokens} new tokens; `median / p90` (for tok/s the p90 column is the slow tail); "
         f"{report.created}, {report.duration_s:.0f} s",
@@ -902,7 +1142,13 @@ def plan_groups(
             quant = precision if precision in QUANTIZED else None
             return lambda: load_model(path, quantization=quant, device=str(device), dtype=None if quant else dtype)
 
-        groups = [Group(shape, p, loader(p)) for p in precisions]
+        def load_unmerged():
+            return load_model(path, device=str(device), dtype=dtype, merge_adapters=False)
+
+        has_adapters = bool(SparseCutConfig.from_pretrained(path).lora)
+        groups = [
+            Group(shape, p, loader(p), load_unmerged if has_adapters and p == full_name else None) for p in precisions
+        ]
         return label, groups, notes
 
     if quick:
@@ -984,8 +1230,6 @@ def bench(
     target = torch.device(device)
     settings = QUICK if quick else FULL
     settings = Settings(settings.warmup, settings.runs, settings.new_tokens, compile=compile)
-    if compile and device != "cuda":
-        raise ValueError("--compile (static cache + torch.compile) is a CUDA path; run it with --device cuda.")
     command = command_line(model, quick, device, quantization, compile, threads)  # as given, before defaults
     default_threads = torch.get_num_threads()
     if quick and threads is None:
@@ -1009,7 +1253,7 @@ def bench(
         torch.set_num_threads(default_threads)
     report.targets = targets_for(report.results, {full_precision(target)[0]})
     report.machine.load_average_after = load_average()
-    report.notes += standard_notes(target, quick, compile) + load_notes(report.machine)
+    report.notes += standard_notes(target, quick, compile, report.model) + load_notes(report.machine)
     data = write(report, out_dir, quick, quantization, compile)
     print(markdown(report))
     print(f"written: {data['files']['json']}, {data['files']['markdown']}")
@@ -1019,21 +1263,28 @@ def bench(
 def run_groups(report: Report, groups: list[Group], device: torch.device) -> None:
     """Measure the groups one after the other, each loaded only for its own measurements."""
     settings = report.settings
-    bandwidth = report.machine.gpu_bandwidth_gbs
-    total = len(groups) * len(VARIANTS) * (settings.warmup + settings.runs)
-    with tqdm(total=total, desc="sparsecut bench", unit="run", file=sys.stderr) as progress:
+    bandwidth = report.machine.gpu_bandwidth_gbs or report.machine.memory_read_bandwidth_gbs
+    rounds = settings.warmup + settings.runs
+    with tqdm(total=0, desc="sparsecut bench", unit="run", file=sys.stderr) as progress:
         for group in groups:
             progress.set_description(f"{group.shape} {group.precision}")
             base, processor = group.load()
-            variants = make_variants(base, processor)
-            sizes = model_weight_bytes(base), llm_weight_bytes_per_token(base)
+            full = group.precision in FULL_PRECISIONS
+            variants = make_variants(base, processor, peer=full, compile=settings.compile and full)
+            sizes = {v.name: (model_weight_bytes(base), llm_weight_bytes_per_token(base)) for v in variants}
+            if group.load_unmerged is not None:
+                unmerged, unmerged_processor = group.load_unmerged()
+                description = "SparseCut with its LoRA adapters unmerged (peft layers, as trained; own copy)"
+                variants.insert(1, Variant(UNMERGED, description, unmerged, unmerged_processor))
+                sizes[UNMERGED] = model_weight_bytes(unmerged), llm_weight_bytes_per_token(unmerged)
+            progress.total += len(variants) * rounds
             runs = measure_group(variants, settings, device, progress)
-            report.results += [summarise(group, v, runs[v.name], sizes, bandwidth) for v in variants]
+            report.results += [summarise(group, v, runs[v.name], sizes[v.name], bandwidth) for v in variants]
             del base, processor, variants
             release_memory()
 
 
-def standard_notes(device: torch.device, quick: bool, compile: bool) -> list[str]:
+def standard_notes(device: torch.device, quick: bool, compile: bool, model: str) -> list[str]:
     notes = [
         "Targets are ratios within this run: variants of a group run round-robin (rotated order each round) and "
         "each ratio is the median of the per-round ratios; absolute times depend on the machine's load.",
@@ -1041,15 +1292,20 @@ def standard_notes(device: torch.device, quick: bool, compile: bool) -> list[str
         "fusion to the first token's logits (embedding merge, LLM forward with shortcut hooks, LM head).",
         "All variants of a group share one set of weights: llava and appended are config variants of the same "
         "class wrapped around the base model's encoder, projector and LLM modules (no copy); the base model's "
-        "shortcut hooks are detached while they run.",
+        "shortcut hooks are detached while they run. transformers-llava is transformers' LlavaForConditionalGeneration "
+        "holding the same tensors under LLaVA's names; for a concat_mlp fusion its projector (like llava's) is the "
+        "fusion projector's low-res columns, a timing stand-in. sparsecut-unmerged (a checkpoint with LoRA "
+        "adapters) is a second copy loaded with merge_adapters=False.",
+        "Decode bound = memory bandwidth / LLM weight bytes read per decode step (every decoder weight and the LM "
+        "head; the input embedding reads one row); `% of bound` is the median decode speed against it.",
     ]
     if device.type == "cpu":
         notes.append(
             "CPU run: peak memory is the process RSS high-water mark, so it includes the interpreter, the libraries "
             "and every loaded weight (shared by the variants of a group), and it cannot fall below what earlier "
-            "groups left in the heap; `weights MiB` is the group's model alone. The CUDA paths (bf16, synchronised "
-            "timing, max_memory_allocated, the 7B-class shape and its bandwidth-bound fraction, --compile) were not "
-            "measured on this machine."
+            "groups left in the heap; `weights MiB` is the group's model alone (for a merged model with "
+            "lora_needs_image, the base weights kept for text-only answers included). The CUDA paths (bf16, "
+            "synchronised timing, max_memory_allocated, the 7B-class shape, CUDA graphs) were not measured here."
         )
     else:
         notes.append(
@@ -1058,9 +1314,16 @@ def standard_notes(device: torch.device, quick: bool, compile: bool) -> list[str
             "per run."
         )
     if compile:
-        notes.append("--compile: static KV cache + torch.compile (reduce-overhead) of the decode step; eager prefill.")
+        mode = "reduce-overhead, CUDA graphs" if device.type == "cuda" else "inductor's default mode"
+        notes.append(
+            f"--compile: the +compile variants decode with a static KV cache through torch.compile ({mode}); their "
+            "prefill is eager; compilation happens in the warm-up round."
+        )
     if quick:
-        notes.append("--quick: a tiny random model with few tokens, a smoke test of the benchmark, not a measurement.")
+        notes.append(
+            f"--quick measured {model} with {QUICK.runs} runs of {QUICK.new_tokens} new tokens: a smoke test of "
+            "the benchmark, not a measurement."
+        )
     return notes
 
 

@@ -386,15 +386,21 @@ def load_model(
     device: str = "auto",
     dtype: torch.dtype | None = None,
     high_res_overlap: bool | None = None,
+    merge_adapters: bool = True,
 ) -> tuple[SparseCutForConditionalGeneration, SparseCutProcessor]:
     """Load a saved SparseCut model and its processor; no argument means the default model in `weights/`.
 
     quantization: None / "none", "8bit" or "4bit" (bitsandbytes nf4 with bf16 compute) for the LLM and the
     vision encoder; the fusion, the shortcut gates and the LM head stay unquantized. dtype defaults to
     bfloat16 on CUDA and float32 on the CPU. high_res_overlap: True / False overrides the checkpoint's
-    `high_res_overlap` (`set_high_res_overlap`); None keeps it.
+    `high_res_overlap` (`set_high_res_overlap`); None keeps it. merge_adapters: fold LoRA adapters into the
+    LLM's weights for inference (`adapters.merge_lora`; with `lora_needs_image` the base weights are kept beside
+    the merged ones, so text-only answers stay exactly the base LLM's); False keeps the peft adapters as they
+    were trained (for further training, or to inspect them). Quantized loads always merge.
     """
     model, processor = _load(name_or_path, quantization, device, dtype)
+    if merge_adapters and model.config.lora and quantization in (None, "none"):
+        merge_lora(model, keep_base=model.config.lora_needs_image)
     if high_res_overlap is not None:
         set_high_res_overlap(model, processor, high_res_overlap)
     return model, processor

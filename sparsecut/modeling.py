@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
-from .adapters import inject_lora
+from .adapters import MergedAdapters, inject_lora, switch_merged_adapters
 from .configuration import SparseCutConfig
 from .fusion import ImageTokenNorm, MultiGrainedFusion
 from .shortcuts import SparseShortcuts
@@ -107,12 +107,14 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         self.shortcuts = SparseShortcuts(config)
         self.shortcuts.attach(self.decoder_layers)
         self._adapters_on = True  # what the last prefill decided (`_switch_adapters`); decode steps keep it
+        self._merged_adapters: MergedAdapters | None = None  # set by `adapters.merge_lora`
         self.post_init()
 
     def _switch_adapters(self, input_ids, pixel_values, past_key_values) -> None:
         """With `config.lora_needs_image`, switch the LoRA adapters off for a text-only conversation. A prefill
         (empty cache) decides from its tokens; a decode step (one new token, no image) keeps that decision."""
-        if not (self.config.lora and self.config.lora_needs_image):
+        merged = self._merged_adapters
+        if not (self.config.lora_needs_image and (self.config.lora or (merged is not None and merged.keep_base))):
             return
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if not prefill:
@@ -120,6 +122,10 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
         image_tokens = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
         on = pixel_values is not None or image_tokens
         if on == self._adapters_on:
+            return
+        if merged is not None:  # `adapters.merge_lora(keep_base=True)`: swap the merged and the base weights
+            switch_merged_adapters(self, on)
+            self._adapters_on = on
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -301,7 +307,8 @@ class SparseCutForConditionalGeneration(SparseCutPreTrainedModel, GenerationMixi
             )
         finally:
             # Gradient checkpointing replays the layers (and their hooks) during backward: keep the state then.
-            if not (self.is_activation_checkpointing and self.training):
+            # (`training` first: `is_activation_checkpointing` walks every module, a cost in each decode step.)
+            if not (self.training and self.is_activation_checkpointing):
                 self.shortcuts.clear()
         hidden = outputs.last_hidden_state  # (B, T, D)
 

@@ -5,10 +5,28 @@ import json
 import math
 
 import pytest
+import torch
+from conftest import image_question, random_image
 
-from benchmarks.bench import VARIANTS, Stat, bench
+from benchmarks.bench import (
+    LLAVA_1_5,
+    PEER,
+    UNMERGED,
+    VARIANTS,
+    PeerProcessor,
+    Settings,
+    Stat,
+    bench,
+    derive,
+    generation_config,
+    make_variants,
+    transformers_llava,
+)
+from sparsecut.adapters import merge_lora
 from sparsecut.cli import main
+from sparsecut.testing import tiny_model
 
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
 STATS = ("preprocess_ms", "vision_ms", "fusion_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_memory_mb")
 PRECISIONS = ["fp32", "8bit", "4bit"] if importlib.util.find_spec("bitsandbytes") else ["fp32"]
 
@@ -45,6 +63,8 @@ def test_quick_bench_writes_json_and_markdown(quick_report):
     assert "| target |" in markdown and report["command"] in markdown
     for variant in VARIANTS:
         assert f"| {variant} |" in markdown
+    assert "memory bandwidth:" in markdown and "decode bound" in markdown
+    assert "--quick measured " + report["model"] in markdown
 
 
 def test_quick_bench_has_every_variant_and_field(quick_report):
@@ -56,14 +76,15 @@ def test_quick_bench_has_every_variant_and_field(quick_report):
         groups.setdefault(result["precision"], {})[result["variant"]] = result
     assert sorted(groups) == sorted(PRECISIONS)
     for precision, group in groups.items():
-        assert sorted(group) == sorted(VARIANTS), precision
+        expected = set(VARIANTS) if precision == "fp32" else set(VARIANTS) - {PEER}  # the peer: full precision
+        assert set(group) - {UNMERGED} == expected, precision
         for result in group.values():
             for name in STATS:
                 check_stat(result[name], settings["runs"])
             check_stat(result["other_ms"], settings["runs"], positive=False)
             assert result["new_tokens"] == settings["new_tokens"]
             assert isinstance(result["llm_weight_bytes_per_token"], int) and result["llm_weight_bytes_per_token"] > 0
-            assert result["bandwidth_fraction"] is None  # CPU: no HBM bound
+            assert result["bandwidth_fraction"] > 0  # CPU: against the measured read bandwidth
             assert isinstance(result["description"], str) and result["description"]
             assert result["llm_input_tokens"] > result["image_tokens"] > 0
         sparsecut, appended = group["sparsecut"], group["appended"]
@@ -80,12 +101,16 @@ def test_quick_bench_has_every_variant_and_field(quick_report):
 def test_quick_bench_reports_the_targets(quick_report):
     report, _ = quick_report
     primary = {t["name"] for t in report["targets"] if t["primary"]}
-    assert primary == {
+    assert primary >= {
         "TTFT sparsecut / llava",
         "decode tok/s sparsecut / llava",
+        f"TTFT sparsecut / {PEER}",
+        f"decode tok/s sparsecut / {PEER}",
         "TTFT appended / sparsecut",
         "TTFT overhead of the demo statistics",
+        "decode sparsecut / bandwidth bound",
     }
+    assert report["machine"]["memory_read_bandwidth_gbs"] > 0
     for target in report["targets"]:
         assert isinstance(target["value"], float) and math.isfinite(target["value"])
         assert isinstance(target["passed"], bool)
@@ -96,16 +121,65 @@ def test_cli_entry_writes_the_files(tmp_path, capsys):
     main(["bench", "--quick", "--quantization", "none", "--out-dir", str(tmp_path)])
     report = json.loads((tmp_path / next(p.name for p in tmp_path.glob("cpu-*-none-quick.json"))).read_text())
     assert report["command"] == "python -m sparsecut.cli bench --device cpu --quick --quantization none"
-    assert {r["variant"] for r in report["results"]} == set(VARIANTS)
+    assert {r["variant"] for r in report["results"]} - {UNMERGED} == set(VARIANTS)
     assert {r["precision"] for r in report["results"]} == {"fp32"}
     assert list(tmp_path.glob("cpu-*-none-quick.md"))
     assert "| sparsecut |" in capsys.readouterr().out
 
 
-def test_cli_rejects_compile_on_cpu(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["bench", "--quick", "--compile", "--out-dir", str(tmp_path)])
-    assert "CUDA" in capsys.readouterr().err
+def test_the_llava_variant_is_llava_1_5():
+    model, processor = tiny_model(fusion="concat_mlp", high_res_grid=2, image_token_scale="auto")
+    llava, llava_processor = derive(model, processor, **LLAVA_1_5)
+    config = llava.config
+    assert (config.fusion, config.high_res_grid, config.feature_layer) == ("none", 1, -2)
+    assert config.num_shortcuts == 0 and config.image_token_scale is None
+    assert llava.fusion.projector.output_norm is None
+    assert llava.language_model is model.language_model and llava.vision_tower is model.vision_tower
+
+
+@torch.no_grad()
+def test_the_transformers_peer_computes_what_the_llava_variant_computes():
+    # The peer carries the same weights by name; where it computes the same thing, its timings compare like
+    # for like. concat_mlp widens the projector's input: the peer gets its low-res columns, as the variant does.
+    model, processor = tiny_model(fusion="concat_mlp", high_res_grid=2, image_token_scale="auto")
+    variants = {variant.name: variant for variant in make_variants(model, processor)}
+    llava, peer = variants["llava"], variants[PEER]
+    assert isinstance(peer.processor, PeerProcessor) and type(peer.model).__name__ == "LlavaForConditionalGeneration"
+    messages = image_question(random_image(5), "What is there?")
+    mine = llava.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    theirs = peer.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert theirs["pixel_values"].ndim == 4
+    with llava.active():
+        torch.testing.assert_close(peer.model(**theirs).logits, llava.model(**mine).logits, rtol=0, atol=1e-5)
+        expected = llava.model.generate(**mine, max_new_tokens=6, do_sample=False)
+    answer = peer.model.generate(**theirs, max_new_tokens=6, do_sample=False)
+    prompt = mine["input_ids"].shape[1]  # the prompts differ in the placeholder id only
+    assert answer[:, prompt:].tolist() == expected[:, prompt:].tolist()
+    assert transformers_llava(model, llava.model)[0].lm_head.weight.data_ptr() == (
+        model.get_output_embeddings().weight.data_ptr()
+    )  # shared, not copied
+
+
+@torch.no_grad()
+def test_the_compiled_static_cache_decode_gives_the_eager_tokens():
+    # The faster loop must decode exactly as the eager reference does, also on a model whose merged adapters are
+    # swapped for the base weights between conversations (lora_needs_image): image, then text only.
+    model, processor = tiny_model(lora=LORA, lora_needs_image=True)
+    generator = torch.Generator().manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    merge_lora(model, keep_base=True)
+    for image in (random_image(6), None):
+        inputs = processor.apply_chat_template(
+            image_question(image, "What is there?"), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        eager = model.generate(**inputs, generation_config=generation_config(model, Settings(0, 1, 12)))
+        compiled_config = generation_config(model, Settings(0, 1, 12), compile=True)
+        assert compiled_config.cache_implementation == "static"
+        compiled = model.generate(**inputs, generation_config=compiled_config)
+        assert hasattr(model, "_compiled_call")  # transformers compiled the decode steps (forced on the CPU)
+        assert compiled.tolist() == eager.tolist()
 
 
 def test_stat_median_and_tails():

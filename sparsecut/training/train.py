@@ -266,7 +266,9 @@ def initial_model(config: TrainConfig):
     spec = config.model
     set_seed(config.seed)
     if "init" in spec:
-        return load_model(spec["init"], device="cpu", high_res_overlap=spec.get("high_res_overlap"))
+        return load_model(
+            spec["init"], device="cpu", high_res_overlap=spec.get("high_res_overlap"), merge_adapters=False
+        )
     # "byte" names the code-built byte tokenizer, for config-only LLMs (tests, toy runs).
     tokenizer = byte_tokenizer() if spec.get("tokenizer") == "byte" else None
     return build(
@@ -598,7 +600,7 @@ def train(config: str | os.PathLike | TrainConfig, resume: bool = True) -> Path:
             and not (stage_dir / "state").exists()
         ):
             print(f"[{stage.name}] already done: {stage_dir}")
-            model, processor = load_model(stage_dir, device="cpu")
+            model, processor = load_model(stage_dir, device="cpu", merge_adapters=False)
             continue
         if model is None:
             model, processor = initial_model(config)
