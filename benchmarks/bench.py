@@ -76,6 +76,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sparsecut.build import DEFAULT_WEIGHTS, build, is_checkpoint, load_model
 from sparsecut.configuration import SparseCutConfig
+from sparsecut.convert import LLAVA_1_5 as CONVERTED_LLAVA_1_5
+from sparsecut.convert import llava_key
 from sparsecut.fusion import Projector
 from sparsecut.modeling import SparseCutForConditionalGeneration
 from sparsecut.processing import SparseCutProcessor
@@ -392,6 +394,9 @@ def derive(
         image_token=processor.image_token,
         padding_side=processor.padding_side,
         chat_template=processor.chat_template,
+        resize=processor.resize,
+        pad_color=processor.pad_color,
+        content_items=processor.content_items,
     )
     return wrapper, baseline
 
@@ -483,7 +488,7 @@ COMPILED = "decode steps through torch.compile with a static KV cache (eager pre
 
 # The `llava` variant: LLaVA-1.5's recipe as a SparseCut config (what transformers' LlavaForConditionalGeneration
 # computes, too): the low-res view only, the penultimate encoder layer, the plain projector, no shortcuts.
-LLAVA_1_5 = dict(fusion="none", high_res_grid=1, feature_layer=-2, append_high_res_tokens=False)
+LLAVA_1_5 = {**CONVERTED_LLAVA_1_5, "append_high_res_tokens": False}
 
 
 # --- the transformers peer ----------------------------------------------------------------------------------
@@ -504,19 +509,10 @@ def llava_state_dict(model: SparseCutForConditionalGeneration, projector: Projec
     return state
 
 
-LLAVA_NAMES = {
-    "vision_tower.": "model.vision_tower.",
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
-}
-
-
 def llava_name(name: str) -> str | None:
-    """The LlavaForConditionalGeneration name of a SparseCut encoder or LLM weight, else None."""
-    for prefix, target in LLAVA_NAMES.items():
-        if name.startswith(prefix):
-            return target + name[len(prefix) :]
-    return None
+    """The LlavaForConditionalGeneration name of a SparseCut encoder or LLM weight, else None (the fusion's
+    weights have no one-to-one counterpart: `llava_state_dict` takes LLaVA's projector from elsewhere)."""
+    return None if name.startswith("fusion.") else llava_key(name)
 
 
 def transformers_llava(model: SparseCutForConditionalGeneration, llava: SparseCutForConditionalGeneration):

@@ -44,8 +44,16 @@ KEY_MAP = (
 # SparseCut's configuration that is LLaVA-1.5: low-res view only, LLaVA's projector, no shortcuts (the feature
 # layer is the source's `vision_feature_layer`, -2 in LLaVA-1.5).
 LLAVA_1_5 = {"fusion": "none", "high_res_grid": 1, "schedule": "none", "feature_layer": -2}
-# The files of a hub checkpoint that a conversion reads (never pickled weights).
 BICUBIC = 3  # PIL's code for bicubic resampling, which SparseCut's processor uses
+
+
+def llava_key(key: str) -> str | None:
+    """The LLaVA name of a SparseCut weight (the inverse of `sparsecut_key`), or None for SparseCut's own parts
+    (the shortcuts, the fusion's norms)."""
+    for source, target in KEY_MAP:
+        if key.startswith(target):
+            return source + key[len(target) :]
+    return None
 
 
 def sparsecut_key(key: str) -> str:
