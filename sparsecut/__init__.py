@@ -16,7 +16,7 @@ AutoConfig.register(SparseCutConfig.model_type, SparseCutConfig, exist_ok=True)
 AutoModelForImageTextToText.register(SparseCutConfig, SparseCutForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(SparseCutConfig, SparseCutProcessor, exist_ok=True)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "InvalidInputError",
     "ShortcutStats",
