@@ -1116,6 +1116,13 @@ def quiet() -> Iterator[None]:
         bnb_logger.setLevel(level)
 
 
+def shown_path(path: str) -> str:
+    """`path` as the report shows it: relative to the checkout when inside it (results name no local folders)."""
+    checkout = Path(__file__).resolve().parent.parent
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(checkout)) if resolved.is_relative_to(checkout) else str(path)
+
+
 def plan_groups(
     model: str | None, quick: bool, device: torch.device, quantization: str | None, workdir: str
 ) -> tuple[str, list[Group], list[str]]:
@@ -1132,7 +1139,7 @@ def plan_groups(
 
     path = model or (str(DEFAULT_WEIGHTS) if is_checkpoint(DEFAULT_WEIGHTS) else None)
     if path is not None:
-        label, shape = f"checkpoint {path}", "checkpoint"
+        label, shape = f"checkpoint {shown_path(path)}", "checkpoint"
 
         def loader(precision: str):
             quant = precision if precision in QUANTIZED else None
