@@ -193,7 +193,7 @@ def chat_fn_index(url: str) -> int:
 
 
 def request(url: str, fn_index: int, name: str, data: bytes, leave: bool, timeout: float) -> tuple[str, str]:
-    """Upload `data`, ask about it in a new session; -> (outcome, reply). outcome: served, refused (a ⚠️ reply),
+    """Upload `data`, ask about it in a new client session; -> (outcome, reply). outcome: served, refused (a ⚠️ reply),
     left (the client left), failed (anything else)."""
     session = uuid.uuid4().hex
     with httpx.Client(timeout=timeout) as http:

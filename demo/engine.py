@@ -723,14 +723,14 @@ class ChatSession:
     Bounded: it keeps its latest MAX_KEPT_TURNS turns, only the latest image context's image (at most
     `ChatEngine.image_side` pixels; earlier turns keep a preview file for the transcript), and the latest answer.
     With `preview_dir` set, `transcript` writes each image's preview there as a PNG (once; an API client, which
-    never asks for the transcript, gets none); the session deletes its previews when
+    never asks for the transcript, gets none); the chat deletes its previews when
     their turns are dropped, when it is cleared or closed, and when it is garbage-collected (a chat that expired).
     """
 
     turns: list[Turn] = field(default_factory=list)
     last_answer: Answer | None = None
     preview_dir: str | None = None
-    files: list[str] = field(default_factory=list)  # preview files this session wrote and still shows
+    files: list[str] = field(default_factory=list)  # preview files this chat wrote and still shows
 
     def context(self) -> list[Turn]:
         """The turns re-sent with the next question: those since the latest image, failed ones left out."""
@@ -761,7 +761,7 @@ class ChatSession:
         os.makedirs(self.preview_dir, exist_ok=True)
         path = os.path.join(self.preview_dir, f"{uuid.uuid4().hex}.png")
         image.save(path)
-        if not self.files:  # the first file: delete them all when the session is collected
+        if not self.files:  # the first file: delete them all when the chat is collected
             weakref.finalize(self, _delete_files, self.files)
         self.files.append(path)
         return path

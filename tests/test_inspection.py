@@ -384,7 +384,7 @@ def test_follow_ups_keep_the_image_and_a_new_image_starts_a_new_context(engine, 
     second = ask(session, engine, "What about this one?", random_image(7))
     assert "New image" in second.notices[0]
     assert len(session.last_answer.prompt.messages) == 1 and session.context() == [second]
-    shown, question = session.transcript()[0]["content"]  # a preview the session wrote, not the upload
+    shown, question = session.transcript()[0]["content"]  # a preview the chat wrote, not the upload
     assert question == "What is it?" and shown["path"].startswith(str(tmp_path / "previews"))
     assert Image.open(shown["path"]).size == Image.open(path).size  # small images are kept as they are
 

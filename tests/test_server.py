@@ -140,7 +140,7 @@ def test_a_full_queue_refuses_at_once_with_a_clear_message(engine, monkeypatch):
 
 # --- hostile input, request by request ------------------------------------------------------------------------
 # Each case sends one request the way the page or an API client can, checks what the user is shown, then asks a
-# plain question in the same session and checks that it is answered.
+# plain question in the same client session and checks that it is answered.
 WARNING = "⚠️"
 
 

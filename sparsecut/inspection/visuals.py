@@ -320,21 +320,28 @@ def _relevance_visuals(visuals: Visuals, relevance: Relevance | None, view: Imag
     }
 
 
+def _layer_maps(visuals: Visuals, stats: ShortcutStats, view: Image.Image, maps, slot: int, row: int, col: int):
+    """One map per fused layer over the view (`maps`: (layers, cells, cells)), the chosen layer's with the patch
+    (row, col) marked for picking, and all of them in one row with colour bars."""
+    side = stats.patches_per_side
+    visuals.fusion_maps = [(v, overlay(view, maps[j])) for j, v in enumerate(stats.fused_layers)]
+    visuals.fusion_map = visuals.fusion_maps[slot][1]
+    visuals.patch_picker = with_colour_bar(
+        mark_cell(visuals.fusion_map, row, col, side), maps[slot], ATTENTION_COLORMAP
+    )
+    visuals.fusion_row = map_row(
+        [
+            (f"vision layer {v}", picture, maps[j], ATTENTION_COLORMAP)
+            for j, (v, picture) in enumerate(visuals.fusion_maps)
+        ]
+    )
+
+
 def _attention_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Image, slot: int, row: int, col: int):
     side, grid = stats.patches_per_side, stats.high_res_grid
     attention = stats.fusion_attention[:, -1].numpy()  # (L, P, G*P)
     received = high_res_to_grid(attention.sum(axis=1), side, grid)  # (L, cells, cells): mass each key receives
-    visuals.fusion_maps = [(v, overlay(view, received[j])) for j, v in enumerate(stats.fused_layers)]
-    visuals.fusion_map = visuals.fusion_maps[slot][1]
-    visuals.patch_picker = with_colour_bar(
-        mark_cell(visuals.fusion_map, row, col, side), received[slot], ATTENTION_COLORMAP
-    )
-    visuals.fusion_row = map_row(
-        [
-            (f"vision layer {v}", picture, received[j], ATTENTION_COLORMAP)
-            for j, (v, picture) in enumerate(visuals.fusion_maps)
-        ]
-    )
+    _layer_maps(visuals, stats, view, received, slot, row, col)
     query = high_res_to_grid(attention[slot, row * side + col], side, grid)  # (cells, cells)
     visuals.query_map = mark_cell(overlay(view, query), row, col, side)
     visuals.query_panel = with_colour_bar(visuals.query_map, query, ATTENTION_COLORMAP)
@@ -388,17 +395,7 @@ def _contribution_visuals(visuals: Visuals, stats: ShortcutStats, view: Image.Im
     side, grid = stats.patches_per_side, stats.high_res_grid
     shares = stats.fusion_contribution[:, -1].numpy()  # (L, P, 1 + G)
     maps = [neighbours_to_grid(shares[j, :, 1:], side, grid) for j in range(len(stats.fused_layers))]
-    visuals.fusion_maps = [(v, overlay(view, maps[j])) for j, v in enumerate(stats.fused_layers)]
-    visuals.fusion_map = visuals.fusion_maps[slot][1]
-    visuals.patch_picker = with_colour_bar(
-        mark_cell(visuals.fusion_map, row, col, side), maps[slot], ATTENTION_COLORMAP
-    )
-    visuals.fusion_row = map_row(
-        [
-            (f"vision layer {v}", picture, maps[j], ATTENTION_COLORMAP)
-            for j, (v, picture) in enumerate(visuals.fusion_maps)
-        ]
-    )
+    _layer_maps(visuals, stats, view, maps, slot, row, col)
     patch = shares[slot, row * side + col]
     visuals.query_map = zoom_on_patch(view, patch, row, col, side, grid)
     visuals.query_panel = with_colour_bar(visuals.query_map, patch[1:], ATTENTION_COLORMAP)
